@@ -1,0 +1,160 @@
+"""`recranker <stage> [--config FILE] [key=value ...]`: a thin shell over the library.
+
+Each subcommand loads the config, calls one library function and prints its
+result. A `RecRankerError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from recranker_jax.config import load_config
+from recranker_jax.errors import RecRankerError
+
+# Stages of the whole pipeline, in order; those without a runner are announced as not yet built.
+PIPELINE_STAGES = ("data", "retrieval", "instructions", "finetune", "rank", "report")
+
+
+def _add_common(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        help="YAML config file, or the name of a bundled config (e.g. quickstart)"
+        + (f"; default {default_config}" if default_config else "; default: built-in defaults"),
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.min_likes=5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recranker", description=__doc__.splitlines()[0])
+    stages = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = stages.add_parser("data", help="load, inspect and split the ratings")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    stats = data_commands.add_parser("stats", help="dataset and split statistics")
+    _add_common(stats)
+    stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    split = data_commands.add_parser("split", help="write train/valid/test/items CSVs")
+    _add_common(split)
+    split.add_argument("--out", help="also copy the CSVs into this folder")
+
+    retrieval = stages.add_parser("retrieval", help="train LightGCN, MF, explicit MF, popularity; write candidates")
+    _add_common(retrieval)
+
+    quickstart = stages.add_parser("quickstart", help="the whole pipeline on the embedded MovieLens, on the CPU")
+    _add_common(quickstart, default_config="quickstart")
+    pipeline = stages.add_parser("pipeline", help="every stage for any config")
+    _add_common(pipeline)
+    return parser
+
+
+def _print_stats(stats: dict) -> None:
+    width = max(len(k) for k in stats)
+    for key, value in stats.items():
+        shown = f"{value:.6f}" if isinstance(value, float) and key == "density" else value
+        print(f"{key:<{width}}  {shown}")
+    if not stats.get("has_timestamps", True):
+        print("note: this source has no timestamps; interactions are ordered by file order")
+
+
+def _data_stage(cfg):
+    from recranker_jax.pipeline import data_stage
+
+    return data_stage(cfg)
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    out, _ = _data_stage(cfg)
+    stats = json.loads((out / "meta.json").read_text())
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        _print_stats(stats)
+    return 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from recranker_jax.data.split import SPLIT_FILES
+
+    cfg = load_config(args.config, args.overrides)
+    out, cached = _data_stage(cfg)
+    target = out
+    if args.out:
+        target = Path(args.out)
+        if target.exists() and not target.is_dir():
+            raise RecRankerError(f"--out {target}: expected a folder, found a file")
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (*SPLIT_FILES, "meta.json"):
+            shutil.copyfile(out / name, target / name)
+    print(f"split {'reused from' if cached else 'written to'} {out}" + (f", copied to {target}" if args.out else ""))
+    return 0
+
+
+def _run_retrieval(cfg) -> None:
+    from recranker_jax.pipeline import retrieval_stage
+    from recranker_jax.retrieval.stage import format_table
+
+    out, cached = retrieval_stage(cfg)
+    result = json.loads((out / "metrics.json").read_text())
+    print(f"[retrieval] {'cached' if cached else 'done'}: {out}")
+    print(f"test split, full-catalogue ranking with training items masked; candidates: top-{result['candidates']} of {result['backbone']}")
+    print(format_table(result, "test"))
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    _run_retrieval(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    for stage in PIPELINE_STAGES:
+        if stage == "data":
+            out, cached = _data_stage(cfg)
+            print(f"[data] {'cached' if cached else 'done'}: {out}")
+            _print_stats(json.loads((out / "meta.json").read_text()))
+        elif stage == "retrieval":
+            _run_retrieval(cfg)
+        else:
+            print(f"[{stage}] not yet available in this version")
+    return 0
+
+
+COMMANDS = {
+    ("data", "stats"): cmd_data_stats,
+    ("data", "split"): cmd_data_split,
+    ("retrieval", None): cmd_retrieval,
+    ("quickstart", None): cmd_pipeline,
+    ("pipeline", None): cmd_pipeline,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "pipeline" and args.config is None:
+        print("error: recranker pipeline needs --config FILE", file=sys.stderr)
+        return 2
+    handler = COMMANDS[(args.command, getattr(args, "data_command", None))]
+    try:
+        return handler(args)
+    except RecRankerError as err:
+        message = " ".join(str(err).split())
+        print(f"error: {message}", file=sys.stderr)
+        return err.exit_code
+
+
+def entry_point() -> None:
+    if hasattr(signal, "SIGPIPE"):  # `recranker data stats --json | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

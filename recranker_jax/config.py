@@ -1,0 +1,327 @@
+"""Typed configuration: dataclasses loaded from YAML with dotted `key=value` overrides.
+
+Every stage reads its own section (`cfg.data`, `cfg.mesh`, ...). Loading is
+strict: an unknown key or a value of the wrong type is a `RecRankerError`
+naming the dotted key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from recranker_jax.errors import RecRankerError
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Where a run lives: runs/<name>/ under `root`; `seed` seeds every random choice."""
+
+    name: str = "quickstart"
+    root: str = "runs"
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which ratings to load and how to turn them into the RecRanker split.
+
+    source: movielens-small | ml-100k | ml-1m | bookcrossing | tfds:<name>.
+    path: folder or zip with the source's files (not needed for movielens-small).
+    like_threshold / dislike_threshold: rating >= like is a like, <= dislike a
+      dislike; null takes the source's default (4 / 2 on 1-5, 8 / 4 on 1-10).
+    min_likes: users with fewer likes are dropped (test + validation + >= 1 train).
+    on_bad_lines: error (stop at the first malformed line) or skip (count them).
+    """
+
+    source: str = "movielens-small"
+    path: str | None = None
+    like_threshold: float | None = None
+    dislike_threshold: float | None = None
+    min_likes: int = 4
+    on_bad_lines: Literal["error", "skip"] = "error"
+
+
+def _default_rules() -> dict[str, list[str]]:
+    return {
+        "batch": ["data", "fsdp"],
+        "embed": ["fsdp"],
+        "mlp": ["tensor"],
+        "heads": ["tensor"],
+        "kv_heads": ["tensor"],
+        "vocab": ["tensor"],
+        "users": ["data", "fsdp"],
+        "items": ["data", "fsdp"],
+    }
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh: `shape` over `axes` (one entry may be -1: the remaining devices).
+
+    rules maps each logical axis name used by model code to the mesh axes it is
+    sharded over; an empty list (or a missing name) means replicated.
+    """
+
+    shape: list[int] = dataclasses.field(default_factory=lambda: [-1, 1, 1])
+    axes: list[str] = dataclasses.field(default_factory=lambda: ["data", "fsdp", "tensor"])
+    rules: dict[str, list[str]] = dataclasses.field(default_factory=_default_rules)
+
+
+@dataclasses.dataclass
+class ExplicitMFConfig:
+    """The rating-predicting MF behind the pointwise hint (trained on training ratings only)."""
+
+    dim: int = 32
+    lr: float = 5e-3
+    l2: float = 0.05
+    batch_size: int = 4096
+    epochs: int = 100
+    eval_every: int = 2
+    patience: int = 5
+
+
+@dataclasses.dataclass
+class RetrievalConfig:
+    """The conventional recommenders (RecRanker's backbones) and their candidates.
+
+    models: any of lightgcn, mf (BPR-MF = LightGCN with 0 layers), explicit_mf, popularity.
+    backbone: the model whose top-`candidates` items the LLM re-ranks.
+    propagation: dense | edges | auto (dense while the user x item matrix is small).
+    eval_every / patience: validate NDCG@10 every N epochs; stop after `patience`
+      validations without improvement; the best epoch's parameters are kept.
+    """
+
+    models: list[str] = dataclasses.field(default_factory=lambda: ["lightgcn", "mf", "explicit_mf", "popularity"])
+    backbone: str = "lightgcn"
+    candidates: int = 10
+    dim: int = 64
+    layers: int = 2
+    lr: float = 1e-3
+    l2: float = 1e-4
+    batch_size: int = 2048
+    epochs: int = 400
+    eval_every: int = 10
+    patience: int = 5
+    propagation: Literal["auto", "dense", "edges"] = "auto"
+    eval_batch_users: int = 1024
+    explicit_mf: ExplicitMFConfig = dataclasses.field(default_factory=ExplicitMFConfig)
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole configuration of a run; later stages add their sections here."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    retrieval: RetrievalConfig = dataclasses.field(default_factory=RetrievalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of config sections (dataclasses or plain data) for stage caching."""
+    plain = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return repr(tp).replace("typing.", "")
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", repr(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted where lossless."""
+
+    def wrong() -> RecRankerError:
+        return RecRankerError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecRankerError(f"config key {key}: expected a mapping of fields, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise wrong()
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except RecRankerError:
+                pass
+        raise wrong()
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise wrong()
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise wrong()
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, item_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise wrong()
+        return {_coerce(k, key_type, key): _coerce(v, item_type, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong()
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for name in data:
+        if name not in hints:
+            where = f"{prefix}.{name}" if prefix else str(name)
+            raise RecRankerError(
+                f"unknown config key {where}; known keys here: {', '.join(names)}"
+            )
+    kwargs = {
+        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+        for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = base
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecRankerError(f"config override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["data.min_likes=5", "mesh.shape=[2,4,1]"] into a nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise RecRankerError(f"override {item!r}: expected dotted.key=value, e.g. data.min_likes=5")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        _merge(nested, key, value)
+    return nested
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def bundled_config_dir() -> Path:
+    """configs/ of a source checkout, or the copy packaged inside an installed wheel."""
+    packaged = Path(str(resources.files("recranker_jax"))) / "configs"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a bundled config ("quickstart")."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = bundled_config_dir() / f"{name_or_path}.yaml"
+    if path.suffix == "" and bundled.is_file():
+        return bundled
+    available = sorted(p.stem for p in bundled_config_dir().glob("*.yaml"))
+    raise RecRankerError(
+        f"config file {name_or_path} not found; pass a YAML path or one of: {', '.join(available)}"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise RecRankerError(f"config file {path}{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecRankerError(f"config file {path}: expected UTF-8 text YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecRankerError(f"config file {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (if any) <- dotted overrides, checked against the dataclasses."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        resolved = resolve_config_path(str(path))
+        data = read_yaml(resolved)
+        source = str(resolved)
+    data = _deep_update(data, parse_overrides(list(overrides or [])))
+    try:
+        return _from_dict(Config, data)
+    except RecRankerError as err:
+        raise RecRankerError(f"{err} (in {source}{' + overrides' if overrides else ''})") from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

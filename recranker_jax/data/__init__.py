@@ -1,0 +1,1 @@
+"""Data layer: sources -> one `Interactions` table -> the RecRanker leave-one-out split."""

@@ -1,0 +1,12 @@
+"""The one exception type for a user's mistake (bad file, bad config, bad option).
+
+Every stage raises `RecRankerError` for problems the user can fix; the CLI
+prints it as one line and exits with code 2. Anything else is a bug and keeps
+its traceback.
+"""
+
+
+class RecRankerError(Exception):
+    """A user-fixable error; its message is one line saying what is wrong and what was expected."""
+
+    exit_code = 2

@@ -1,0 +1,71 @@
+import pytest
+
+from recranker_jax.cli import main
+from recranker_jax.config import Config, fingerprint, load_config, resolve_config_path
+from recranker_jax.errors import RecRankerError
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  min_likes: 6\n  source: ml-100k\nrun:\n  name: a\n")
+    cfg = load_config(path, ["data.min_likes=7", "mesh.shape=[2,4,1]", "data.like_threshold=3"])
+    assert cfg.data.min_likes == 7  # override beats file
+    assert cfg.data.source == "ml-100k"  # file beats default
+    assert cfg.run.name == "a"
+    assert cfg.mesh.shape == [2, 4, 1]
+    assert cfg.data.like_threshold == 3.0 and isinstance(cfg.data.like_threshold, float)
+    assert cfg.data.on_bad_lines == "error"  # untouched default
+
+
+def test_bundled_quickstart_matches_its_file():
+    path = resolve_config_path("quickstart")
+    assert path.name == "quickstart.yaml"
+    cfg = load_config("quickstart")
+    assert cfg.data.source == "movielens-small" and cfg.run.name == "quickstart"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["data.min_likez=3"], "unknown config key data.min_likez"),
+        (["datum.source=x"], "unknown config key datum"),
+        (["data.min_likes=abc"], "config key data.min_likes: expected int, got 'abc'"),
+        (["data.min_likes=2.5"], "config key data.min_likes: expected int"),
+        (["data.on_bad_lines=maybe"], "config key data.on_bad_lines: expected 'error' | 'skip'"),
+        (["mesh.shape=[2,x]"], "config key mesh.shape[1]: expected int"),
+        (["run.seed=true"], "config key run.seed: expected int, got True"),
+        (["data"], "expected dotted.key=value"),
+        (["data.source.x=1"], "config key data.source: expected str"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(overrides, needle):
+    with pytest.raises(RecRankerError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  source: [unclosed\n")
+    with pytest.raises(RecRankerError, match=r"bad.yaml line \d+"):
+        load_config(bad)
+    with pytest.raises(RecRankerError, match="not found; pass a YAML path or one of: .*quickstart"):
+        load_config(tmp_path / "nope.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(RecRankerError, match="expected a mapping of sections"):
+        load_config(listing)
+
+
+def test_cli_reports_config_errors_in_one_line(capsys):
+    assert main(["data", "stats", "data.min_likes=abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: config key data.min_likes")
+
+
+def test_fingerprint_tracks_content():
+    a, b = Config(), Config()
+    assert fingerprint(a.data) == fingerprint(b.data)
+    b.data.min_likes = 5
+    assert fingerprint(a.data) != fingerprint(b.data)

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from recranker_jax.cli import main
+from recranker_jax.errors import RecRankerError
+from recranker_jax.pipeline import run_stage, stage_key
+
+
+def test_stage_is_cached_by_key_and_rebuilt_when_key_changes(tmp_path):
+    calls = []
+
+    def build(out):
+        calls.append(out.name)
+        (out / "value.txt").write_text(str(len(calls)))
+
+    out, cached = run_stage(tmp_path, "s", "k1", build)
+    assert not cached and (out / "value.txt").read_text() == "1"
+    _, cached = run_stage(tmp_path, "s", "k1", build)
+    assert cached and len(calls) == 1
+    _, cached = run_stage(tmp_path, "s", "k2", build)
+    assert not cached and (out / "value.txt").read_text() == "2"
+    assert stage_key(tmp_path, "s") == "k2"
+
+
+def test_failed_stage_leaves_previous_output_intact(tmp_path):
+    run_stage(tmp_path, "s", "k1", lambda out: (out / "value.txt").write_text("good"))
+
+    def failing(out):
+        (out / "value.txt").write_text("half-written")
+        raise RecRankerError("boom")
+
+    with pytest.raises(RecRankerError):
+        run_stage(tmp_path, "s", "k2", failing)
+    assert (tmp_path / "s" / "value.txt").read_text() == "good"
+    assert stage_key(tmp_path, "s") == "k1"  # a later run with k1 is still a cache hit
+
+
+def test_bad_source_fails_without_touching_existing_split(tmp_path, capsys):
+    root = f"run.root={tmp_path}"
+    assert main(["data", "split", root]) == 0
+    before = (tmp_path / "quickstart" / "data" / "train.csv").read_bytes()
+    rc = main(["data", "split", root, "data.source=ml-100k", f"data.path={tmp_path / 'missing'}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "missing" in err
+    assert (tmp_path / "quickstart" / "data" / "train.csv").read_bytes() == before
+
+
+def test_cli_split_out_and_stats(tmp_path, capsys):
+    root = f"run.root={tmp_path}"
+    assert main(["data", "split", root, "--out", str(tmp_path / "export")]) == 0
+    for name in ("train.csv", "valid.csv", "test.csv", "items.csv"):
+        assert (tmp_path / "export" / name).read_bytes() == (tmp_path / "quickstart" / "data" / name).read_bytes()
+    header = (tmp_path / "export" / "train.csv").read_text().splitlines()[0]
+    assert header == "user_id,item_id,rating,timestamp"
+    capsys.readouterr()
+    assert main(["data", "stats", root, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["users"] == 671 and stats["items"] == 9066 and stats["ratings"] == 100004
+    assert stats["test"] == stats["valid"] == stats["users_kept"] == 664
+    assert stats["train_interactions"] + stats["valid"] + stats["test"] <= stats["ratings"]
+
+
+def test_unknown_source_and_out_is_a_file(tmp_path, capsys):
+    root = f"run.root={tmp_path}"
+    assert main(["data", "stats", root, "data.source=netflix"]) == 2
+    assert "unknown data.source 'netflix'; expected one of: movielens-small, ml-100k" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["data", "split", root, "--out", str(tmp_path / "afile")]) == 2
+    assert "expected a folder, found a file" in capsys.readouterr().err
+
+
+def test_quickstart_runs_what_exists_and_exits_zero(tmp_path, capsys):
+    assert main(["quickstart", f"run.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "[data] done" in out and "users_kept          664" in out
+    assert (tmp_path / "quickstart" / "config.yaml").is_file()
+    assert main(["quickstart", f"run.root={tmp_path}"]) == 0
+    assert "[data] cached" in capsys.readouterr().out
