@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval = stages.add_parser("retrieval", help="train LightGCN, MF, explicit MF, popularity; write candidates")
     _add_common(retrieval)
 
+    bench = stages.add_parser("bench", help="throughput benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    bench_retrieval = bench_commands.add_parser(
+        "retrieval", help="LightGCN epoch and full-ranking time: JAX (dense, edges) vs PyTorch torch.sparse.mm"
+    )
+    _add_common(bench_retrieval, default_config="quickstart")
+    bench_retrieval.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median)")
+    bench_retrieval.add_argument("--out", help="also write the results as JSON to this file")
+
     quickstart = stages.add_parser("quickstart", help="the whole pipeline on the embedded MovieLens, on the CPU")
     _add_common(quickstart, default_config="quickstart")
     pipeline = stages.add_parser("pipeline", help="every stage for any config")
@@ -127,10 +136,24 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_retrieval(args: argparse.Namespace) -> int:
+    from recranker_jax.bench.retrieval import bench_retrieval, format_results
+
+    if args.repeats < 1:
+        raise RecRankerError(f"--repeats {args.repeats}: expected a positive integer")
+    doc = bench_retrieval(load_config(args.config, args.overrides), repeats=args.repeats)
+    print(format_results(doc))
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"results written to {args.out}")
+    return 0
+
+
 COMMANDS = {
     ("data", "stats"): cmd_data_stats,
     ("data", "split"): cmd_data_split,
     ("retrieval", None): cmd_retrieval,
+    ("bench", "retrieval"): cmd_bench_retrieval,
     ("quickstart", None): cmd_pipeline,
     ("pipeline", None): cmd_pipeline,
 }
@@ -141,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "pipeline" and args.config is None:
         print("error: recranker pipeline needs --config FILE", file=sys.stderr)
         return 2
-    handler = COMMANDS[(args.command, getattr(args, "data_command", None))]
+    action = getattr(args, "data_command", None) or getattr(args, "bench_command", None)
+    handler = COMMANDS[(args.command, action)]
     try:
         return handler(args)
     except RecRankerError as err:

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from recranker_jax.cli import main
@@ -123,18 +124,25 @@ def bx_folder(root: Path, rating_lines: list[str] | None = None, book_lines: lis
     return root
 
 
+def plain(value):
+    """A numpy scalar as the Python value it holds, so that dict keys compare with the fixtures."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def ratings_by_raw_ids(table) -> dict:
     """{(raw user, raw item): (rating, timestamp)} read back through the table's indices."""
     users = table.user_ids[table.ratings["user"].to_numpy()]
     items = table.items["item_id"].to_numpy()[table.ratings["item"].to_numpy()]
     values = zip(table.ratings["rating"], table.ratings["timestamp"], strict=True)
-    return {(u.item() if hasattr(u, "item") else u, i.item() if hasattr(i, "item") else i): v
-            for u, i, v in zip(users, items, values, strict=True)}  # fmt: skip
+    return {(plain(u), plain(i)): value for u, i, value in zip(users, items, values, strict=True)}
 
 
 def items_by_raw_id(table) -> dict:
-    return {row.item_id: (row.title, None if row.year is None or row.year is np.nan or str(row.year) == "<NA>"
-                          else int(row.year), row.genres) for row in table.items.itertuples()}  # fmt: skip
+    """{raw item id: (title, year or None, genres)}."""
+    return {
+        plain(row.item_id): (row.title, None if pd.isna(row.year) else int(row.year), row.genres)
+        for row in table.items.itertuples()
+    }
 
 
 def bad_input(call) -> str:
@@ -184,7 +192,8 @@ def test_ml100k_wrong_field_count_names_file_line_and_the_skip_option(tmp_path):
     lines = u_data_lines()
     lines[2] = "22\t4\t1"
     message = bad_input(lambda: load_ml100k(ml100k_folder(tmp_path, data_lines=lines), "error"))
-    assert f"{tmp_path / 'u.data'} line 3: expected 4 tab-separated fields (user, item, rating, timestamp), got 3" in message
+    expected = "line 3: expected 4 tab-separated fields (user, item, rating, timestamp), got 3"
+    assert f"{tmp_path / 'u.data'} {expected}" in message
     assert "data.on_bad_lines=skip" in message
 
 
@@ -259,6 +268,13 @@ def test_missing_path_and_missing_file_are_named(tmp_path):
     assert "no ratings.dat at the top or one folder down" in message and "ratings.dat and movies.dat" in message
 
 
+def test_two_candidate_folders_are_an_error_not_a_guess(tmp_path):
+    ml100k_folder(tmp_path / "a")
+    ml100k_folder(tmp_path / "b")
+    message = bad_input(lambda: load_ml100k(tmp_path, "error"))
+    assert "u.data found in several folders (a, b)" in message
+
+
 def test_missing_file_inside_zip_and_non_zip_file(tmp_path):
     folder = tmp_path / "src"
     write_lines(folder / "u.data", u_data_lines())
@@ -325,7 +341,8 @@ def test_bookcrossing_zip_and_bad_records(tmp_path):
                                 '"276732";"";"7"', '"276733";"0155061224";"11"'] + BX_RATINGS[3:]  # fmt: skip
     bx_folder(folder, rating_lines=ratings)
     message = bad_input(lambda: load_bookcrossing(folder, "error"))
-    assert "BX-Book-Ratings.csv line 4: expected 3 ';'-separated fields (User-ID, ISBN, Book-Rating), got 2" in message
+    expected = "BX-Book-Ratings.csv line 4: expected 3 ';'-separated fields (User-ID, ISBN, Book-Rating), got 2"
+    assert expected in message
     table = load_bookcrossing(folder, "skip")
     assert table.skipped_lines == 5 and len(table.ratings) == len(BX_EXPLICIT)
     del ratings[3]
@@ -354,7 +371,8 @@ def test_bookcrossing_line_numbers_survive_a_line_break_inside_a_quoted_title(tm
 def test_bookcrossing_header_and_all_implicit(tmp_path):
     folder = bx_folder(tmp_path, rating_lines=BX_RATINGS[1:])
     message = bad_input(lambda: load_bookcrossing(folder, "skip"))
-    assert 'BX-Book-Ratings.csv line 1: expected the header User-ID;ISBN;Book-Rating, got "276725;' in message
+    expected = "BX-Book-Ratings.csv line 1: expected the header User-ID;ISBN;Book-Rating, got '276725;034545104X;0'"
+    assert expected in message
     folder = bx_folder(tmp_path, rating_lines=[BX_RATINGS[0], BX_RATINGS[1], BX_RATINGS[3]])
     message = bad_input(lambda: load_bookcrossing(folder, "error"))
     assert "no explicit ratings; all 2 have Book-Rating 0" in message
@@ -367,6 +385,7 @@ def test_tfds_unsupported_name_and_missing_package(tmp_path, monkeypatch):
     message = bad_input(lambda: load_tfds("movielens/25m-ratings", tmp_path, "error"))
     assert "tfds:movielens/25m-ratings is not supported" in message and "tfds:movielens/100k-ratings" in message
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if the extra were not installed
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
     message = bad_input(lambda: load_tfds("movielens/100k-ratings", tmp_path, "error"))
     assert 'pip install "recranker-jax[tfds]"' in message
 

@@ -92,3 +92,24 @@ def test_bpr_loss_matches_a_numpy_formula():
 def test_auto_backend_prefers_edges_for_sparse_graphs():
     assert choose_backend(664, 9066, 50_000) == "edges"  # the embedded MovieLens: 0.8% dense
     assert choose_backend(100, 100, 2_000) == "dense"
+
+
+def test_benchmark_pytorch_lightgcn_computes_the_same_loss():
+    torch = pytest.importorskip("torch", reason="the PyTorch reference needs the test extra")
+    from recranker_jax.bench.torch_lightgcn import TorchLightGCN
+
+    rng = np.random.default_rng(4)
+    n_users, n_items = 20, 30
+    users, items = rng.integers(0, n_users, 150), rng.integers(0, n_items, 150)
+    keys = np.unique(users * n_items + items)
+    users, items = keys // n_items, keys % n_items
+    model = LightGCN(n_users, n_items, 8, 2, rngs=nnx.Rngs(0))
+    reference = TorchLightGCN(n_users, n_items, 8, 2, users, items)
+    with torch.no_grad():
+        reference.user_embedding.copy_(torch.from_numpy(np.asarray(model.user_embedding[...])))
+        reference.item_embedding.copy_(torch.from_numpy(np.asarray(model.item_embedding[...])))
+    batch = [rng.integers(0, n, 16) for n in (n_users, n_items, n_items)]
+    graph = build_graph(users, items, n_users, n_items, "edges")
+    want = bpr_loss(model, graph, *map(jnp.asarray, batch), jnp.ones(16), 1e-3)
+    got = reference.bpr_loss(*(torch.from_numpy(b) for b in batch), 1e-3)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)

@@ -8,6 +8,7 @@ both applying the data.on_bad_lines policy ("error" or "skip").
 
 from __future__ import annotations
 
+import _csv
 import codecs
 import csv
 import dataclasses
@@ -164,7 +165,9 @@ class Rows:
 
 def check_policy(on_bad_lines: str) -> None:
     if on_bad_lines not in BAD_LINE_POLICIES:
-        raise RecRankerError(f"data.on_bad_lines={on_bad_lines!r}: expected one of {', '.join(BAD_LINE_POLICIES)}")
+        raise RecRankerError(
+            f"data.on_bad_lines={on_bad_lines!r}: expected one of {', '.join(BAD_LINE_POLICIES)}"
+        )
 
 
 def reject_rows(
@@ -302,7 +305,7 @@ def read_csv_records(
     shape = FieldShape(f"'{delimiter}'-separated", header, ", ".join(header))
     text = decode_text(data_file, f"{shape.separator_name} quoted fields ({shape.description})")
 
-    def reader() -> csv.Reader:  # type: ignore[name-defined]
+    def reader() -> _csv.Reader:
         return csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quotechar='"', escapechar=escapechar)
 
     records_reader = reader()
@@ -384,7 +387,8 @@ def read_number_lines(
     line_numbers = np.flatnonzero(good).astype(np.int64) + 1
     if not good.any():
         empty = {field: np.empty(0, dtype=object) for field in fields}
-        return convert_numbers(Rows(data_file.name, empty, line_numbers, skipped), number_fields, on_bad_lines, pending)
+        rows = Rows(data_file.name, empty, line_numbers, skipped)
+        return convert_numbers(rows, number_fields, on_bad_lines, pending=pending)
     if not (~good & (ends > starts)).any():
         clean = data  # only empty lines to drop, which the parser skips itself
     else:
@@ -426,6 +430,8 @@ def _parse_numbers(values: np.ndarray) -> np.ndarray:
     """float64 values, NaN where a value is not a number."""
     if values.dtype.kind in "iuf":
         return values.astype(np.float64)
+    if values.dtype.kind == "b":  # pandas read "True"/"False": text, not numbers
+        values = values.astype(str).astype(object)
     try:
         return values.astype(np.float64)
     except (ValueError, TypeError):
@@ -455,7 +461,10 @@ def convert_numbers(
     check_policy(on_bad_lines)
     parsed: dict[str, np.ndarray] = {}
     problems: dict[str, np.ndarray] = {}  # 0 ok, 1 not a number, 2 not whole, 3 out of range
-    empty = {name: pd.Series(rows.columns[name], dtype=object).astype(str).str.strip().eq("").to_numpy() for name in nonempty_fields}
+    empty = {
+        name: pd.Series(rows.columns[name], dtype=object).astype(str).str.strip().eq("").to_numpy()
+        for name in nonempty_fields
+    }
     for field in number_fields:
         values = _parse_numbers(rows.columns[field.name])
         problem = np.where(np.isfinite(values), 0, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,34 +18,39 @@ from recranker_jax.data.grouplens import MOVIELENS_SCALE, load_ml1m, load_ml100k
 from recranker_jax.data.table import Interactions, build_interactions
 from recranker_jax.errors import RecRankerError
 
-# TFDS name -> (GroupLens zip of the same data, GroupLens source name)
+# TFDS name -> (the GroupLens zip of the same data, the GroupLens source name)
 SUPPORTED = {
     "movielens/100k-ratings": ("ml-100k.zip", "ml-100k"),
     "movielens/1m-ratings": ("ml-1m.zip", "ml-1m"),
 }
 # TFDS renames GroupLens' genres; map back so that both routes give the same table.
 _TFDS_TO_GROUPLENS_GENRE = {"Children": "Children's"}
-_NOT_GENRES = ("Unknown", "unknown", "(no genres listed)")
+_NOT_GENRES = ("Unknown", "(no genres listed)")
 _BATCH = 65536
 
 
 def load_tfds(name: str, path: str | Path | None, on_bad_lines: str) -> Interactions:
-    """Ratings of the TFDS dataset `name` (see SUPPORTED) from the data_dir `path`.
+    """Ratings of the TFDS dataset `name` (see SUPPORTED) from the TFDS data_dir `path`.
 
     With `path` a folder holding ml-100k.zip / ml-1m.zip (TFDS' manual_dir
-    layout), that zip is loaded with `load_ml100k` / `load_ml1m` under
-    `on_bad_lines`. A TFDS dataset has no lines, so the policy does not apply
-    to it. Genres use GroupLens' names ("Children's"; "Unknown" dropped).
+    layout), that zip is read by `load_ml100k` / `load_ml1m` under
+    `on_bad_lines`. A prepared TFDS dataset has no lines, so the policy does not
+    apply to it. Genres use GroupLens' names ("Children's"; "Unknown" dropped).
     """
     if name not in SUPPORTED:
-        raise RecRankerError(f"data.source=tfds:{name} is not supported; expected one of: tfds:{', tfds:'.join(SUPPORTED)}")
+        supported = ", ".join(f"tfds:{known}" for known in SUPPORTED)
+        raise RecRankerError(f"data.source=tfds:{name} is not supported; expected one of: {supported}")
     zip_name, grouplens_name = SUPPORTED[name]
-    if path is not None and (Path(path).expanduser() / zip_name).is_file():
+    data_dir = None if path is None else Path(path).expanduser()
+    if data_dir is not None and (data_dir / zip_name).is_file():
         loader = load_ml100k if grouplens_name == "ml-100k" else load_ml1m
-        return dataclasses.replace(loader(Path(path).expanduser() / zip_name, on_bad_lines), name=f"tfds:{name}")
-    if path is not None and not Path(path).expanduser().is_dir():
-        raise RecRankerError(f"data.path {path} is not a folder; expected a TFDS data_dir with {name} prepared")
-    columns = _read_tfds(name, None if path is None else str(Path(path).expanduser()), zip_name, grouplens_name)
+        return dataclasses.replace(loader(data_dir / zip_name, on_bad_lines), name=f"tfds:{name}")
+    if data_dir is not None and not data_dir.is_dir():
+        raise RecRankerError(
+            f"data.path {data_dir} is not a folder; expected a TFDS data_dir with {name} prepared "
+            f"or a folder holding {zip_name}"
+        )
+    columns = _read_prepared(name, data_dir, f"set data.source={grouplens_name} and data.path=<its {zip_name}>")
     return build_interactions(
         user_raw=pd.Series(_ids(columns["user_id"])),
         item_raw=pd.Series(_ids(columns["movie_id"])),
@@ -57,22 +63,10 @@ def load_tfds(name: str, path: str | Path | None, on_bad_lines: str) -> Interact
     )
 
 
-def _movie_meta(columns: dict[str, np.ndarray]) -> pd.DataFrame:
-    """item_id, title, year, genres of each movie, from its first rating."""
-    _, first = np.unique(columns["movie_id"], return_index=True)
-    titles = pd.Series([title.decode("utf-8", errors="replace") for title in columns["movie_title"][first]], dtype=object)
-    names = np.asarray([_TFDS_TO_GROUPLENS_GENRE.get(g, g) for g in columns["genre_names"]], dtype=object)
-    shown = np.asarray([g not in _NOT_GENRES for g in columns["genre_names"]])
-    genres = ["|".join(names[row & shown]) for row in columns["genre_flags"][first] > 0]
-    return pd.DataFrame(
-        {"item_id": _ids(columns["movie_id"][first]), "title": titles, "year": year_from_title(titles), "genres": genres}
-    )
-
-
-def _import_tfds():
+def _import_tfds() -> tuple[Any, Any]:
     try:
-        import tensorflow as tf
         import tensorflow_datasets as tfds
+        import tensorflow as tf
     except ImportError:
         raise RecRankerError(
             'data.source=tfds:... needs TensorFlow Datasets: pip install "recranker-jax[tfds]"'
@@ -80,44 +74,54 @@ def _import_tfds():
     return tf, tfds
 
 
-def _read_tfds(name: str, data_dir: str | None, zip_name: str, grouplens_name: str) -> dict[str, np.ndarray]:
-    """The columns of the prepared split "train" (strings as bytes), genres as multi-hot flags."""
+def _read_prepared(name: str, data_dir: Path | None, alternative: str) -> dict[str, np.ndarray]:
+    """Columns of the prepared split "train" (strings as bytes), genres as multi-hot `genre_flags`."""
     tf, tfds = _import_tfds()
-    builder = tfds.builder(name, data_dir=data_dir)
+    where = str(data_dir) if data_dir is not None else "the default TFDS data_dir"
+    builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
     try:
         dataset = builder.as_dataset(split="train", shuffle_files=False)
     except AssertionError:  # TFDS' way of saying "not prepared"
-        where = data_dir or "the default TFDS data_dir"
         raise RecRankerError(
             f"TFDS dataset {name} is not prepared in {where}; prepare it with TFDS first "
-            f"(this project never downloads), or set data.source={grouplens_name} "
-            f"and data.path=<the GroupLens {zip_name}>"
+            f"(this project never downloads), or {alternative}"
         ) from None
-    genre_names = builder.info.features["movie_genres"].feature.names
-    n_genres = len(genre_names)
+    genre_names = list(builder.info.features["movie_genres"].feature.names)
 
-    def fixed_shape(example):  # genres (a variable-length list) as a multi-hot vector
-        return {
-            "user_id": example["user_id"],
-            "movie_id": example["movie_id"],
-            "movie_title": example["movie_title"],
-            "user_rating": example["user_rating"],
-            "timestamp": example["timestamp"],
-            "genre_flags": tf.reduce_sum(tf.one_hot(example["movie_genres"], n_genres, dtype=tf.int32), axis=0),
-        }
+    def fixed_shape(example: dict) -> dict:  # the variable-length genre list as a multi-hot vector
+        flags = tf.reduce_sum(tf.one_hot(example["movie_genres"], len(genre_names), dtype=tf.int32), axis=0)
+        kept = ("user_id", "movie_id", "movie_title", "user_rating", "timestamp")
+        return {**{key: example[key] for key in kept}, "genre_flags": flags}
 
     batches = list(tfds.as_numpy(dataset.map(fixed_shape).batch(_BATCH)))
     if not batches:
-        raise RecRankerError(f"TFDS dataset {name} in {data_dir or 'the default data_dir'} has no ratings")
+        raise RecRankerError(f"TFDS dataset {name} in {where} has no ratings")
     columns = {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
     columns["genre_names"] = np.asarray(genre_names, dtype=object)
     return columns
 
 
+def _movie_meta(columns: dict[str, np.ndarray]) -> pd.DataFrame:
+    """item_id, title, year, genres of each movie, taken from its first rating."""
+    _, first = np.unique(columns["movie_id"], return_index=True)
+    titles = pd.Series([raw.decode("utf-8", errors="replace") for raw in columns["movie_title"][first]], dtype=object)
+    names = np.asarray([_TFDS_TO_GROUPLENS_GENRE.get(g, g) for g in columns["genre_names"]], dtype=object)
+    listed = np.asarray([g not in _NOT_GENRES for g in columns["genre_names"]])
+    genres = ["|".join(names[flags & listed]) for flags in columns["genre_flags"][first] > 0]
+    return pd.DataFrame(
+        {
+            "item_id": _ids(columns["movie_id"][first]),
+            "title": titles,
+            "year": year_from_title(titles),
+            "genres": genres,
+        }
+    )
+
+
 def _ids(raw: np.ndarray) -> np.ndarray:
     """Decoded ids, as int64 when every one is a whole number (as in GroupLens), else strings."""
     ids = np.asarray([value.decode("utf-8", errors="replace") for value in raw], dtype=object)
-    numbers = pd.to_numeric(pd.Series(ids, dtype=object), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    numbers = pd.to_numeric(pd.Series(ids, dtype=object), errors="coerce").to_numpy(np.float64, na_value=np.nan)
     if len(numbers) and np.isfinite(numbers).all() and (numbers == np.round(numbers)).all():
         return numbers.astype(np.int64)
     return ids

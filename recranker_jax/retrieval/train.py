@@ -91,6 +91,24 @@ def place(tree: Any, mesh: Mesh | None, specs: Any) -> Any:
 # ----------------------------------------------------------------------------- the loop
 
 
+def make_epoch_fn(graphdef: nnx.GraphDef, loss: Callable, tx: optax.GradientTransformation) -> Callable:
+    """jit((params, opt_state, batches [S, B, ...]) -> (params, opt_state, mean loss)): one
+    epoch of optimizer steps inside a single `lax.scan`."""
+
+    def step(carry, batch):
+        params, opt_state = carry
+        value, grads = jax.value_and_grad(lambda p: loss(nnx.merge(graphdef, p), batch))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), value
+
+    @jax.jit  # no buffer donation: the best epoch's params may alias the live ones
+    def run_epoch(params, opt_state, batches):
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
+        return params, opt_state, jnp.mean(losses)
+
+    return run_epoch
+
+
 def fit(
     *,
     name: str,
@@ -113,18 +131,7 @@ def fit(
     """
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = tx.init(params)
-
-    def step(carry, batch):
-        params, opt_state = carry
-        value, grads = jax.value_and_grad(lambda p: loss(nnx.merge(graphdef, p), batch))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), value
-
-    @jax.jit
-    def run_epoch(params, opt_state, batches):
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
-        return params, opt_state, jnp.mean(losses)
-
+    run_epoch = make_epoch_fn(graphdef, loss, tx)
     state = {"params": params, "opt_state": opt_state, "best_params": params,
              "epoch": 0, "best_epoch": 0, "best_score": -np.inf, "stale": 0}
     history: list[dict[str, float]] = []
@@ -180,6 +187,76 @@ def liked_pairs(data: SplitData) -> tuple[np.ndarray, np.ndarray]:
     return (keys // data.n_items).astype(np.int32), (keys % data.n_items).astype(np.int32)
 
 
+@dataclasses.dataclass
+class BPRProblem:
+    """Everything one BPR training run needs, shared by `train_bpr` and the benchmark."""
+
+    model: LightGCN
+    graph: Graph
+    loss: Callable[[LightGCN, dict[str, jax.Array]], jax.Array]
+    epoch_batches: Callable[[int], dict[str, np.ndarray]]
+    shard_batches: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]
+    scorer_of: Callable[[LightGCN], Scorer]
+
+
+def bpr_problem(
+    data: SplitData,
+    cfg: RetrievalConfig,
+    layers: int,
+    seed: int,
+    mesh: Mesh | None = None,
+    rules: dict[str, list[str]] | None = None,
+) -> BPRProblem:
+    """LightGCN (layers > 0) or BPR-MF (layers = 0) on the training likes, sharded over `mesh`.
+
+    Tables are padded to a multiple of their shard count (padding rows are
+    zero, have no edges and are never sampled) and sliced off again by scorer_of.
+    """
+    rules = rules or {}
+    pos_user, pos_item = liked_pairs(data)
+    positive_keys = pos_user.astype(np.int64) * data.n_items + pos_item
+    n_users = padded_rows(data.n_users, mesh, "users", rules)
+    n_items = padded_rows(data.n_items, mesh, "items", rules)
+    graph = build_graph(pos_user, pos_item, n_users, n_items, cfg.propagation)
+    model = LightGCN(data.n_users, data.n_items, cfg.dim, layers, rngs=nnx.Rngs(seed))
+    # Pad after initialising so the sharded run starts from the same numbers as the unsharded one.
+    model.user_embedding = nnx.Param(pad_rows(model.user_embedding[...], n_users))
+    model.item_embedding = nnx.Param(pad_rows(model.item_embedding[...], n_items))
+    batch_spec = logical_spec([None, "batch"], rules)
+    if mesh is not None:
+        batch_shards = axis_size(mesh, "batch", rules)
+        if cfg.batch_size % batch_shards:
+            raise RecRankerError(
+                f"retrieval.batch_size={cfg.batch_size} must be a multiple of the {batch_shards} batch shards of the mesh"
+            )
+        table_specs = {"user_embedding": logical_spec(["users", None], rules),
+                       "item_embedding": logical_spec(["items", None], rules)}
+        nnx.update(model, place(nnx.state(model, nnx.Param), mesh, nnx.State(table_specs)))
+        graph = place(graph, mesh, jax.tree.map(lambda _: PartitionSpec(), graph))
+
+    def epoch_batches(epoch: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(pos_user))
+        users = pos_user[order]
+        negatives = sample_negatives(rng, users, data.n_items, positive_keys)
+        return to_batches({"user": users, "positive": pos_item[order], "negative": negatives}, cfg.batch_size)
+
+    def loss(model: LightGCN, batch: dict[str, jax.Array]) -> jax.Array:
+        return bpr_loss(model, graph, batch["user"], batch["positive"], batch["negative"], batch["weight"], cfg.l2)
+
+    graphdef = nnx.graphdef(model)
+    propagate_params = jax.jit(lambda params: nnx.merge(graphdef, params).embeddings(graph))
+
+    def scorer_of(model: LightGCN) -> Scorer:
+        users, items = propagate_params(nnx.state(model, nnx.Param))
+        return Scorer(np.asarray(users)[: data.n_users], np.asarray(items)[: data.n_items])
+
+    return BPRProblem(
+        model=model, graph=graph, loss=loss, epoch_batches=epoch_batches, scorer_of=scorer_of,
+        shard_batches=lambda b: place(b, mesh, jax.tree.map(lambda _: batch_spec, b)),
+    )
+
+
 def train_bpr(
     data: SplitData,
     cfg: RetrievalConfig,
@@ -193,51 +270,18 @@ def train_bpr(
     progress: bool = True,
 ) -> FitResult:
     """LightGCN (layers > 0) or BPR-MF (layers = 0) selected on validation NDCG@10."""
-    rules = rules or {}
-    pos_user, pos_item = liked_pairs(data)
-    positive_keys = pos_user.astype(np.int64) * data.n_items + pos_item
-    n_users = padded_rows(data.n_users, mesh, "users", rules)
-    n_items = padded_rows(data.n_items, mesh, "items", rules)
-    graph = build_graph(pos_user, pos_item, n_users, n_items, cfg.propagation)
-    model = LightGCN(data.n_users, data.n_items, cfg.dim, layers, rngs=nnx.Rngs(seed))
-    # Pad after initialising so the sharded run starts from the same numbers as the unsharded one.
-    model.user_embedding = nnx.Param(pad_rows(model.user_embedding[...], n_users))
-    model.item_embedding = nnx.Param(pad_rows(model.item_embedding[...], n_items))
-    table_specs = {"user_embedding": logical_spec(["users", None], rules), "item_embedding": logical_spec(["items", None], rules)}
-    if mesh is not None:
-        _, params = nnx.split(model, nnx.Param)
-        nnx.update(model, place(params, mesh, nnx.State(table_specs)))
-        graph = place(graph, mesh, jax.tree.map(lambda _: PartitionSpec(), graph))
-    batch_spec = logical_spec([None, "batch"], rules)
-    batch_shards = axis_size(mesh, "batch", rules) if mesh is not None else 1
-    if cfg.batch_size % batch_shards:
-        raise RecRankerError(f"retrieval.batch_size={cfg.batch_size} must be a multiple of the {batch_shards} batch shards of the mesh")
-
-    def epoch_batches(epoch: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(pos_user))
-        users = pos_user[order]
-        negatives = sample_negatives(rng, users, data.n_items, positive_keys)
-        return to_batches({"user": users, "positive": pos_item[order], "negative": negatives}, cfg.batch_size)
-
-    def loss(model: LightGCN, batch: dict[str, jax.Array]) -> jax.Array:
-        return bpr_loss(model, graph, batch["user"], batch["positive"], batch["negative"], batch["weight"], cfg.l2)
-
-    def scorer_of(model: LightGCN) -> Scorer:
-        users, items = model.embeddings(graph)
-        return Scorer(np.asarray(users)[: data.n_users], np.asarray(items)[: data.n_items])
+    problem = bpr_problem(data, cfg, layers, seed, mesh, rules)
 
     def validate(model: LightGCN) -> tuple[float, dict[str, float]]:
-        metrics = evaluate(scorer_of(model), data, "valid", cfg.eval_batch_users)
+        metrics = evaluate(problem.scorer_of(model), data, "valid", cfg.eval_batch_users)
         return metrics["ndcg@10"], {"valid_ndcg@10": metrics["ndcg@10"], "valid_recall@20": metrics["recall@20"]}
 
     best, best_epoch, best_score, history = fit(
-        name=name, model=model, loss=loss, tx=optax.adam(cfg.lr), epoch_batches=epoch_batches,
-        validate=validate, epochs=cfg.epochs, eval_every=cfg.eval_every, patience=cfg.patience,
-        checkpoint_dir=checkpoint_dir, progress=progress,
-        batch_sharding=lambda b: place(b, mesh, jax.tree.map(lambda _: batch_spec, b)),
+        name=name, model=problem.model, loss=problem.loss, tx=optax.adam(cfg.lr),
+        epoch_batches=problem.epoch_batches, validate=validate, epochs=cfg.epochs, eval_every=cfg.eval_every,
+        patience=cfg.patience, checkpoint_dir=checkpoint_dir, progress=progress, batch_sharding=problem.shard_batches,
     )
-    return FitResult(scorer_of(best), best_epoch, best_score, history, nnx.state(best, nnx.Param))
+    return FitResult(problem.scorer_of(best), best_epoch, best_score, history, nnx.state(best, nnx.Param))
 
 
 def train_explicit_mf(

@@ -1,0 +1,1 @@
+"""Benchmarks behind `recranker bench`: fixed, named problems timed the same way everywhere."""

@@ -1,0 +1,158 @@
+"""`recranker bench retrieval`: one LightGCN training epoch and one full-ranking pass, timed for
+this JAX implementation (dense and edge-list propagation) and for a plain PyTorch
+torch.sparse.mm implementation, on the same split and hyper-parameters.
+
+Each variant runs in its own process so that its peak resident memory is its own.
+Times are medians over repeats after one warm-up (compilation) run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recranker_jax.config import Config, RetrievalConfig
+from recranker_jax.errors import RecRankerError
+
+VARIANTS = ("jax-dense", "jax-edges", "torch-sparse")
+RANK_K = 20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up: compilation, allocator
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+def measure_jax(data_dir: Path, cfg: RetrievalConfig, backend: str, repeats: int, seed: int) -> dict:
+    import jax
+    import optax
+    from flax import nnx
+
+    from recranker_jax.data.split import load_split
+    from recranker_jax.retrieval.evaluate import exclusions, top_k
+    from recranker_jax.retrieval.train import bpr_problem, make_epoch_fn
+
+    data = load_split(data_dir)
+    problem = bpr_problem(data, dataclasses.replace(cfg, propagation=backend), cfg.layers, seed)
+    tx = optax.adam(cfg.lr)
+    graphdef, params = nnx.split(problem.model, nnx.Param)
+    run_epoch = make_epoch_fn(graphdef, problem.loss, tx)
+    state = {"params": params, "opt": tx.init(params), "epoch": 0}
+
+    def epoch() -> None:
+        batches = problem.epoch_batches(state["epoch"])  # host-side sampling counts as epoch time
+        state["params"], state["opt"], loss = run_epoch(state["params"], state["opt"], batches)
+        jax.block_until_ready(loss)
+        state["epoch"] += 1
+
+    exclude = exclusions(data, "valid")
+
+    def rank() -> None:
+        top_k(problem.scorer_of(nnx.merge(graphdef, state["params"])), exclude, RANK_K, cfg.eval_batch_users)
+
+    return {"epoch_seconds": _timed(epoch, repeats), "rank_seconds": _timed(rank, repeats),
+            "steps_per_epoch": int(problem.epoch_batches(0)["user"].shape[0]), "backend": problem.graph.backend}
+
+
+def measure_torch(data_dir: Path, cfg: RetrievalConfig, repeats: int, seed: int) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise RecRankerError("bench retrieval compares against PyTorch: pip install torch==2.13.0 (or the test extra)") from None
+    from recranker_jax.bench.torch_lightgcn import TorchLightGCN, full_ranking, train_epoch
+    from recranker_jax.data.split import load_split
+    from recranker_jax.retrieval.evaluate import exclusions
+    from recranker_jax.retrieval.train import bpr_problem, liked_pairs
+
+    data = load_split(data_dir)
+    users, items = liked_pairs(data)
+    model = TorchLightGCN(data.n_users, data.n_items, cfg.dim, cfg.layers, users, items, seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # The JAX problem's batch builder, so both see the same shuffles and negatives.
+    problem = bpr_problem(data, dataclasses.replace(cfg, propagation="edges"), cfg.layers, seed)
+    counter = {"epoch": 0}
+
+    def epoch() -> None:
+        train_epoch(model, optimizer, problem.epoch_batches(counter["epoch"]), cfg.l2)
+        counter["epoch"] += 1
+
+    exclude = exclusions(data, "valid")
+    return {"epoch_seconds": _timed(epoch, repeats), "rank_seconds": _timed(lambda: full_ranking(model, exclude, RANK_K), repeats),
+            "torch_threads": torch.get_num_threads()}
+
+
+def _variant_main(argv: list[str]) -> None:
+    variant, data_dir, cfg_json, repeats, seed = argv
+    cfg = RetrievalConfig(**{k: v for k, v in json.loads(cfg_json).items() if k != "explicit_mf"})
+    if variant == "torch-sparse":
+        result = measure_torch(Path(data_dir), cfg, int(repeats), int(seed))
+    else:
+        result = measure_jax(Path(data_dir), cfg, variant.removeprefix("jax-"), int(repeats), int(seed))
+    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    print("RESULT " + json.dumps(result))
+
+
+def bench_retrieval(cfg: Config, repeats: int = 3, variants: tuple[str, ...] = VARIANTS) -> dict:
+    """Run every variant in a subprocess on the config's split; returns the results document."""
+    from recranker_jax.pipeline import data_stage
+
+    data_dir, _ = data_stage(cfg)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    cfg_json = json.dumps(dataclasses.asdict(cfg.retrieval))
+    results = {}
+    for variant in variants:
+        command = [sys.executable, "-m", "recranker_jax.bench.retrieval", variant, str(data_dir), cfg_json, str(repeats), str(cfg.run.seed)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RecRankerError(f"bench retrieval: variant {variant} failed: {last}")
+        results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
+    import jax
+
+    return {
+        "benchmark": "retrieval",
+        "problem": {"source": meta["source"], "users": meta["users_kept"], "items": meta["items"],
+                    "train_likes": meta["train_likes"], "dim": cfg.retrieval.dim, "layers": cfg.retrieval.layers,
+                    "batch_size": cfg.retrieval.batch_size, "rank_k": RANK_K},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "jax": jax.__version__, "device": jax.devices()[0].device_kind, "device_count": jax.device_count()},
+        "repeats": repeats,
+        "results": results,
+    }
+
+
+def format_results(doc: dict) -> str:
+    results = doc["results"]
+    rows = [f"{'variant':<14}{'epoch s':>10}{'rank s':>10}{'peak MB':>10}"]
+    for name, r in results.items():
+        rows.append(f"{name:<14}{r['epoch_seconds']:>10.3f}{r['rank_seconds']:>10.3f}{r['peak_rss_mb']:>10.0f}")
+    if "torch-sparse" in results:
+        for name in ("jax-dense", "jax-edges"):
+            if name in results:
+                epoch_ratio = results[name]["epoch_seconds"] / results["torch-sparse"]["epoch_seconds"]
+                rank_ratio = results[name]["rank_seconds"] / results["torch-sparse"]["rank_seconds"]
+                rows.append(f"{name} / torch-sparse: epoch time x{epoch_ratio:.2f}, ranking time x{rank_ratio:.2f}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    _variant_main(sys.argv[1:])
