@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval = stages.add_parser("retrieval", help="train LightGCN, MF, explicit MF, popularity; write candidates")
     _add_common(retrieval)
 
+    instructions = stages.add_parser("instructions", help="sample users, build the prompts of the three tasks")
+    _add_common(instructions)
+
     bench = stages.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_retrieval = bench_commands.add_parser(
@@ -122,6 +125,22 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_instructions(cfg) -> None:
+    from recranker_jax.pipeline import instructions_stage
+
+    out, cached = instructions_stage(cfg)
+    stats = json.loads((out / "stats.json").read_text())
+    print(f"[instructions] {'cached' if cached else 'done'}: {out}")
+    print(f"train examples by task: {stats['train']['by_task']} (sampling: {stats['sampling']['strategy']}, "
+          f"{stats['sampling']['distinct_users']} distinct users); skipped: {stats['train']['skipped_too_few_ratings']}")
+    print(f"test prompts by task: {stats['test']['by_task']}; truncated history: {stats['truncated_history']}")
+
+
+def cmd_instructions(args: argparse.Namespace) -> int:
+    _run_instructions(load_config(args.config, args.overrides))
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     for stage in PIPELINE_STAGES:
@@ -131,6 +150,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             _print_stats(json.loads((out / "meta.json").read_text()))
         elif stage == "retrieval":
             _run_retrieval(cfg)
+        elif stage == "instructions":
+            _run_instructions(cfg)
         else:
             print(f"[{stage}] not yet available in this version")
     return 0
@@ -153,6 +174,7 @@ COMMANDS = {
     ("data", "stats"): cmd_data_stats,
     ("data", "split"): cmd_data_split,
     ("retrieval", None): cmd_retrieval,
+    ("instructions", None): cmd_instructions,
     ("bench", "retrieval"): cmd_bench_retrieval,
     ("quickstart", None): cmd_pipeline,
     ("pipeline", None): cmd_pipeline,

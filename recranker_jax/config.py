@@ -117,6 +117,81 @@ class RetrievalConfig:
 
 
 @dataclasses.dataclass
+class SamplingConfig:
+    """Which users the training instructions are drawn for (RecRanker's adaptive user sampling).
+
+    strategy: uniform | importance | cluster | adaptive (importance + cluster pooled,
+      then redrawn with the repetition penalty). size: entries drawn (with
+      replacement); fraction: share of `size` each of importance and cluster draws
+      before pooling; clusters: k-means clusters on the backbone's user embeddings;
+      penalty: an entry whose user occurs c times in the pool weighs penalty^(c-1).
+    """
+
+    strategy: Literal["uniform", "importance", "cluster", "adaptive"] = "adaptive"
+    size: int = 5000
+    fraction: float = 0.6
+    clusters: int = 10
+    penalty: float = 0.95
+
+
+@dataclasses.dataclass
+class TemplatesConfig:
+    """Prompt templates (str.format). Every task's instruction and question must keep its
+    placeholders: {noun}, {max_rating} (pointwise), {history}, {target} / {first}, {second} /
+    {candidates}, and {hint} where hints are on. A missing placeholder is a config error."""
+
+    pointwise_instruction: str = (
+        "You are a {noun} recommender system. Given the user's ratings of {noun}s on a scale from 1 to "
+        "{max_rating}, predict the user's rating of a target {noun}.\nThe user's rated {noun}s:\n{history}\n"
+    )
+    pointwise_question: str = 'Target {noun}: {target}\n{hint}What rating from 1 to {max_rating} would the user give? Answer:'
+    pointwise_hint: str = "Hint: another recommender system predicts a rating of {rating}.\n"
+    pairwise_instruction: str = (
+        "You are a {noun} recommender system. Given the {noun}s the user liked and disliked, determine "
+        "whether the user would prefer one {noun} over another. Answer Yes or No.\n"
+        "Liked {noun}s:\n{history}\nDisliked {noun}s:\n{disliked}\n"
+    )
+    pairwise_question: str = "{hint}Would the user prefer {first} over {second}? Answer:"
+    pairwise_hint: str = "Hint: another recommender system prefers {preferred}.\n"
+    listwise_instruction: str = (
+        "You are a {noun} recommender system. Given the {noun}s the user liked and disliked, rank the "
+        "candidate {noun}s and return the top five, best first.\n"
+        "Liked {noun}s:\n{history}\nDisliked {noun}s:\n{disliked}\n"
+    )
+    listwise_question: str = "Candidate {noun}s:\n{candidates}\n{hint}Top five, best first, one per line. Answer:"
+    listwise_hint: str = "Hint: another recommender system ranks these first:\n{ranked}\n"
+
+
+@dataclasses.dataclass
+class PromptsConfig:
+    """The three RecRanker prompt tasks and their ablation switches.
+
+    rating_mode: half-star ratings in answers and histories are rounded half up
+      to 1..H (round) or doubled onto 1..2H (double). position_shift / hints:
+      the paper's position shifting and prompt enhancement. max_tokens: the
+      prompt budget; the oldest history items are dropped first. tokenizer: a
+      local Hugging Face tokenizer or checkpoint folder, or null to train a
+      byte-level BPE of `tokenizer_vocab_size` on the run's own prompts.
+    """
+
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["pointwise", "pairwise", "listwise"])
+    item_noun: str | None = None
+    rating_mode: Literal["round", "double"] = "round"
+    position_shift: bool = True
+    hints: bool = True
+    history_items: int = 50
+    disliked_items: int = 10
+    listwise_liked: int = 5
+    listwise_candidates: int = 10
+    pairs: int = 5
+    inference_listwise_order: Literal["shuffle", "retrieval"] = "shuffle"
+    max_tokens: int = 1024
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 4096
+    templates: TemplatesConfig = dataclasses.field(default_factory=TemplatesConfig)
+
+
+@dataclasses.dataclass
 class Config:
     """The whole configuration of a run; later stages add their sections here."""
 
@@ -124,6 +199,8 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     retrieval: RetrievalConfig = dataclasses.field(default_factory=RetrievalConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,8 +233,24 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", repr(tp))
 
 
+class OverrideText(str):
+    """A command-line override value, kept as text until its field's type is known: a string
+    field takes it verbatim ("Prefer {first}?" stays text), any other field parses it as YAML."""
+
+
+def _accepts_str(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted where lossless."""
+    if isinstance(value, OverrideText):
+        if _accepts_str(tp) and not (value.strip() in ("null", "~") and type(None) in typing.get_args(tp)):
+            return str(value)
+        try:
+            value = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            value = str(value)
 
     def wrong() -> RecRankerError:
         return RecRankerError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
@@ -246,17 +339,13 @@ def _merge(base: dict[str, Any], key: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ["data.min_likes=5", "mesh.shape=[2,4,1]"] into a nested dict (values parsed as YAML)."""
+    """Turn ["data.min_likes=5", "mesh.shape=[2,4,1]"] into a nested dict of `OverrideText`s."""
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not p for p in key.split(".")):
             raise RecRankerError(f"override {item!r}: expected dotted.key=value, e.g. data.min_likes=5")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        _merge(nested, key, value)
+        _merge(nested, key, OverrideText(text))
     return nested
 
 

@@ -99,3 +99,18 @@ def retrieval_stage(cfg: Config, progress: bool = True) -> tuple[Path, bool]:
     key = retrieval_key(cfg)
     checkpoints = run_dir / "checkpoints" / f"retrieval-{key}"
     return run_stage(run_dir, "retrieval", key, lambda out: build_retrieval(cfg, data_dir, out, checkpoints, progress))
+
+
+def instructions_key(cfg: Config) -> str:
+    return fingerprint("instructions", retrieval_key(cfg), cfg.sampling, cfg.prompts, cfg.run.seed)
+
+
+def instructions_stage(cfg: Config, progress: bool = True) -> tuple[Path, bool]:
+    """The instructions stage: runs/<name>/instructions/ (runs retrieval first if needed)."""
+    from recranker_jax.prompts.stage import build_instructions
+
+    retrieval_dir, _ = retrieval_stage(cfg, progress)
+    data_dir = cfg.run_dir / "data"
+    return run_stage(
+        cfg.run_dir, "instructions", instructions_key(cfg), lambda out: build_instructions(cfg, data_dir, retrieval_dir, out)
+    )

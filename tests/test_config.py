@@ -69,3 +69,12 @@ def test_fingerprint_tracks_content():
     assert fingerprint(a.data) == fingerprint(b.data)
     b.data.min_likes = 5
     assert fingerprint(a.data) != fingerprint(b.data)
+
+
+def test_string_overrides_are_taken_verbatim_other_types_parsed():
+    cfg = load_config(None, ["prompts.templates.pairwise_question=Prefer {first} over {second}? {hint}Answer:",
+                             "run.name=007", "prompts.tokenizer=null", "prompts.tasks=[pointwise, listwise]"])
+    assert cfg.prompts.templates.pairwise_question == "Prefer {first} over {second}? {hint}Answer:"
+    assert cfg.run.name == "007"  # a string field keeps the text, leading zeros included
+    assert cfg.prompts.tokenizer is None
+    assert cfg.prompts.tasks == ["pointwise", "listwise"]

@@ -47,6 +47,7 @@ class Split:
             "items": n_items,
             "ratings": int(len(ratings)),
             "rating_scale": list(self.interactions.scale),
+            "item_noun": self.interactions.item_noun,
             "like_threshold": self.like_threshold,
             "dislike_threshold": self.dislike_threshold,
             "likes": int((ratings >= self.like_threshold).sum()),

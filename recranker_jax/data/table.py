@@ -25,7 +25,8 @@ class Interactions:
     user_ids: raw id of each user index (sorted).
     items: one row per item index: item_id (raw), title, year (Int64, may be <NA>),
       genres (str, "|"-separated, may be "").
-    name: the source name; scale: (min, max) rating of the dataset's scale.
+    name: the source name; scale: (min, max) rating of the dataset's scale;
+    item_noun: what the items are ("movie", "book"), for prompts.
     has_timestamps: False for sources without time (BookCrossing): order is file order.
     skipped_lines: malformed lines skipped under data.on_bad_lines=skip.
     """
@@ -37,6 +38,7 @@ class Interactions:
     scale: tuple[float, float]
     has_timestamps: bool
     skipped_lines: int = 0
+    item_noun: str = "item"
 
     @property
     def n_users(self) -> int:
@@ -117,4 +119,5 @@ def build_interactions(
         scale=scale,
         has_timestamps=timestamp is not None,
         skipped_lines=skipped_lines,
+        item_noun=item_noun,
     )

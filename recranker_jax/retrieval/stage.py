@@ -84,7 +84,6 @@ def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Pat
                 data, retrieval, retrieval.layers if name == "lightgcn" else 0, cfg.run.seed,
                 mesh=mesh, rules=cfg.mesh.rules, checkpoint_dir=checkpoint_root / name, name=name, progress=progress,
             )
-            np.savez(out / name / "embeddings.npz", users=result.scorer.user_factors, items=result.scorer.item_factors)
         elif name == "explicit_mf":
             model, result = train_explicit_mf(
                 data, retrieval.explicit_mf, cfg.run.seed, checkpoint_dir=checkpoint_root / name, progress=progress
@@ -106,6 +105,8 @@ def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Pat
             checkpointer.wait_until_finished()
             history[name] = result.history
             entry.update(best_epoch=result.best_epoch, epochs_run=result.history[-1]["epoch"] if result.history else 0)
+        if name != "explicit_mf":  # a ranking model: its factors score (user, item) pairs for hints
+            np.savez(out / name / "embeddings.npz", users=scorers[name].user_factors, items=scorers[name].item_factors)
         for split in ("valid", "test"):
             entry[split] = evaluate(scorers[name], data, split, retrieval.eval_batch_users)
         if name == "explicit_mf":

@@ -1,0 +1,1 @@
+"""Instruction data: RecRanker's prompt tasks, candidate selection, hints, tokenisation."""

@@ -1,0 +1,218 @@
+"""The instructions stage: sampled users -> training examples of the three tasks, and the
+inference prompts over the backbone's candidates, written to runs/<name>/instructions/.
+
+Outputs: train.jsonl (task, user_id, item_ids, prompt, response, source, dropped_history),
+test.jsonl and valid.jsonl (task, user_id, item_ids, prompt, prefix_chars (the shared
+prefix is prompt[:prefix_chars]), suffix and the candidate / pair / candidates shown), tokenizer/ (when trained here) and stats.json.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recranker_jax.config import Config
+from recranker_jax.data.split import SplitData, load_split
+from recranker_jax.errors import RecRankerError
+from recranker_jax.prompts.build import HintModels, PromptBuilder, PromptParts
+from recranker_jax.prompts.render import check_templates
+from recranker_jax.prompts.tokenizer import count_tokens, load_tokenizer, train_bpe
+from recranker_jax.sampling import sample_users
+
+TASKS = ("pointwise", "pairwise", "listwise")
+
+
+def load_hints(retrieval_dir: Path, backbone: str, need_rating: bool) -> tuple[HintModels, np.ndarray]:
+    """Hint models from the retrieval stage's files, and the backbone's user embeddings."""
+    embeddings_path = retrieval_dir / backbone / "embeddings.npz"
+    if not embeddings_path.is_file():
+        raise RecRankerError(f"{embeddings_path} not found: run `recranker retrieval` first")
+    embeddings = np.load(embeddings_path)
+    users, items = embeddings["users"], embeddings["items"]
+    mf_path = retrieval_dir / "explicit_mf.npz"
+    if need_rating and not mf_path.is_file():
+        raise RecRankerError(
+            "prompts.hints with the pointwise task needs the explicit MF: add explicit_mf to retrieval.models "
+            "or set prompts.hints=false"
+        )
+    mf = dict(np.load(mf_path)) if mf_path.is_file() else None
+
+    def predict_rating(user: int, item_indices: np.ndarray) -> np.ndarray:
+        return (mf["mean_rating"] + mf["user_bias"][user] + mf["item_bias"][item_indices]
+                + mf["item_factors"][item_indices] @ mf["user_factors"][user])
+
+    def backbone_score(user: int, item_indices: np.ndarray) -> np.ndarray:
+        return items[item_indices] @ users[user]
+
+    return HintModels(predict_rating, backbone_score), users
+
+
+def read_candidates(path: Path, data: SplitData) -> list[list[int]]:
+    """Per user (SplitData order), the candidate item indices in retrieval order."""
+    if not path.is_file():
+        raise RecRankerError(f"{path} not found: run `recranker retrieval` first")
+    frame = pd.read_csv(path, dtype={"user_id": str, "item_id": str})
+    users = pd.Index(data.user_ids.astype(str)).get_indexer(frame["user_id"])
+    items = pd.Index(data.items["item_id"].astype(str)).get_indexer(frame["item_id"])
+    if (users < 0).any() or (items < 0).any():
+        raise RecRankerError(f"{path}: user or item ids that are not in this run's split (a file from another run?)")
+    frame = frame.assign(user=users, item=items).sort_values(["user", "rank"], kind="stable")
+    lists: list[list[int]] = [[] for _ in range(data.n_users)]
+    for user, group in frame.groupby("user"):
+        lists[int(user)] = group["item"].tolist()
+    return lists
+
+
+def apply_budget(builder: PromptBuilder, parts: list[PromptParts], tokenizer, max_tokens: int) -> int:
+    """Drop the oldest history entries of over-long prompts until they fit; returns how many
+    prompts still exceed the budget with no history left.
+
+    Lengths are first estimated as tokens(prefix) + tokens(suffix + response), each distinct
+    prefix tokenised once (a user's prompts of a task share it); prompts within a small
+    margin of the budget are then measured exactly and binary-searched on the entries dropped.
+    """
+    def tail(p: PromptParts) -> str:
+        return p.suffix + (" " + p.response if p.response is not None else "")
+
+    def exact(p: PromptParts) -> int:
+        return int(count_tokens(tokenizer, [builder.prefix(p) + tail(p)])[0])
+
+    prefixes = [builder.prefix(p) for p in parts]
+    distinct = list(dict.fromkeys(prefixes))
+    prefix_length = dict(zip(distinct, count_tokens(tokenizer, distinct)))
+    tail_length = count_tokens(tokenizer, [tail(p) for p in parts], add_special_tokens=False)
+    estimate = np.array([prefix_length[text] for text in prefixes]) + tail_length
+    still_over = 0
+    for index in np.flatnonzero(estimate > max_tokens - 8):
+        p = parts[index]
+        if exact(p) <= max_tokens:
+            continue
+        p.dropped = len(p.entries)
+        if exact(p) > max_tokens:
+            still_over += 1
+            continue
+        low, high = 1, len(p.entries)  # the fewest dropped entries that fit
+        while low < high:
+            p.dropped = (low + high) // 2
+            if exact(p) <= max_tokens:
+                high = p.dropped
+            else:
+                low = p.dropped + 1
+        p.dropped = low
+    return still_over
+
+
+def check_config(cfg: Config) -> None:
+    prompts = cfg.prompts
+    unknown = [t for t in prompts.tasks if t not in TASKS]
+    if unknown or not prompts.tasks:
+        raise RecRankerError(f"prompts.tasks={prompts.tasks}: expected a non-empty subset of {', '.join(TASKS)}")
+    for key in ("history_items", "listwise_liked", "listwise_candidates", "pairs", "max_tokens", "tokenizer_vocab_size"):
+        if getattr(prompts, key) < 1:
+            raise RecRankerError(f"prompts.{key}={getattr(prompts, key)}: expected a positive integer")
+    if prompts.listwise_liked >= prompts.listwise_candidates:
+        raise RecRankerError(
+            f"prompts.listwise_liked={prompts.listwise_liked}: expected fewer than prompts.listwise_candidates={prompts.listwise_candidates}"
+        )
+    check_templates(prompts.templates)
+
+
+def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Path) -> dict:
+    check_config(cfg)
+    prompts_cfg = cfg.prompts
+    data = load_split(data_dir)
+    hints, user_embeddings = load_hints(
+        retrieval_dir, cfg.retrieval.backbone, prompts_cfg.hints and "pointwise" in prompts_cfg.tasks
+    )
+    builder = PromptBuilder(data, prompts_cfg, hints, prompts_cfg.item_noun or data.meta.get("item_noun", "item"))
+    like_counts = np.bincount(data.train_user[data.train_is_like], minlength=data.n_users)
+    sampled = sample_users(cfg.sampling, like_counts, user_embeddings, cfg.run.seed)
+
+    rng = np.random.default_rng([cfg.run.seed, 1])
+    train: list[PromptParts] = []
+    skipped = collections.Counter()
+    for user, source in zip(sampled.users.tolist(), sampled.source.tolist()):
+        for task in prompts_cfg.tasks:
+            parts = builder.train_example(task, user, rng)
+            if parts is None:
+                skipped[task] += 1
+                continue
+            parts.extra["source"] = source
+            train.append(parts)
+    if not train:
+        raise RecRankerError("no training instruction could be built: every sampled user has too few ratings for the tasks")
+
+    inference: dict[str, list[PromptParts]] = {}
+    empty_candidates = collections.Counter()
+    for split, filename in (("test", "candidates.csv"), ("valid", "candidates_valid.csv")):
+        candidate_lists = read_candidates(retrieval_dir / filename, data)
+        inference[split] = []
+        for user, candidates in enumerate(candidate_lists):
+            if not candidates:
+                empty_candidates[split] += 1
+                continue
+            user_rng = np.random.default_rng([cfg.run.seed, 2, user])
+            for task in prompts_cfg.tasks:
+                inference[split].extend(builder.inference_prompts(task, user, candidates, user_rng))
+
+    if prompts_cfg.tokenizer:
+        tokenizer = load_tokenizer(prompts_cfg.tokenizer)
+    else:
+        corpus = (builder.prefix(p) + p.suffix + (" " + p.response if p.response else "") for p in train)
+        corpus = itertools.chain(corpus, (p.suffix for p in inference["test"]))
+        tokenizer = train_bpe(corpus, prompts_cfg.tokenizer_vocab_size, out / "tokenizer")
+    over_budget = {name: apply_budget(builder, parts, tokenizer, prompts_cfg.max_tokens)
+                   for name, parts in (("train", train), *inference.items())}
+
+    item_ids = data.items["item_id"].astype(str).to_numpy()
+    user_ids = data.user_ids.astype(str)
+
+    def record(p: PromptParts, training: bool) -> dict:
+        prefix = builder.prefix(p)
+        row = {"task": p.task, "user_id": user_ids[p.user],
+               "item_ids": sorted(set(item_ids[builder.item_ids(p)].tolist())), "prompt": prefix + p.suffix}
+        if training:
+            row.update(response=p.response, source=p.extra["source"])
+        else:
+            row.update(prefix_chars=len(prefix), suffix=p.suffix)
+            for key, value in p.extra.items():
+                row[key] = item_ids[value].tolist() if key in ("pair", "candidates") else (
+                    item_ids[value] if key == "candidate" else value)
+        row["dropped_history"] = p.dropped
+        return row
+
+    for name, parts in (("train", train), *inference.items()):
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+            for p in parts:
+                handle.write(json.dumps(record(p, name == "train"), ensure_ascii=False) + "\n")
+
+    def per_task(parts: list[PromptParts], predicate=lambda p: True) -> dict[str, int]:
+        return dict(sorted(collections.Counter(p.task for p in parts if predicate(p)).items()))
+
+    stats = {
+        "sampling": {"strategy": cfg.sampling.strategy, "entries": int(len(sampled.users)),
+                     "distinct_users": int(len(set(sampled.users.tolist()))),
+                     "by_source": dict(sorted(collections.Counter(sampled.source.tolist()).items()))},
+        "train": {"examples": len(train), "by_task": per_task(train),
+                  "by_task_and_source": {t: dict(sorted(collections.Counter(p.extra["source"] for p in train if p.task == t).items()))
+                                         for t in prompts_cfg.tasks},
+                  "skipped_too_few_ratings": dict(sorted(skipped.items()))},
+        **{name: {"prompts": len(parts), "by_task": per_task(parts), "users_without_candidates": empty_candidates[name]}
+           for name, parts in inference.items()},
+        "truncated_history": {name: per_task(parts, lambda p: p.dropped > 0) for name, parts in (("train", train), *inference.items())},
+        "over_budget_without_history": over_budget,
+        "max_tokens": prompts_cfg.max_tokens,
+        "tokenizer": prompts_cfg.tokenizer or "trained byte-level BPE (instructions/tokenizer)",
+        "vocab_size": len(tokenizer),
+        "position_shift": prompts_cfg.position_shift,
+        "hints": prompts_cfg.hints,
+        "rating_mode": prompts_cfg.rating_mode,
+        "max_rating": builder.scale.max_rating,
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
