@@ -92,8 +92,9 @@ def retrieval_key(cfg: Config) -> str:
 
 def retrieval_stage(cfg: Config, progress: bool = True) -> tuple[Path, bool]:
     """The retrieval stage: runs/<name>/retrieval/ (needs the data stage, which it runs if missing)."""
-    from recranker_jax.retrieval.stage import build_retrieval
+    from recranker_jax.retrieval.stage import build_retrieval, check_config
 
+    check_config(cfg)  # a config mistake fails before any earlier stage runs
     data_dir, _ = data_stage(cfg)
     run_dir = cfg.run_dir
     key = retrieval_key(cfg)
@@ -107,8 +108,9 @@ def instructions_key(cfg: Config) -> str:
 
 def instructions_stage(cfg: Config, progress: bool = True) -> tuple[Path, bool]:
     """The instructions stage: runs/<name>/instructions/ (runs retrieval first if needed)."""
-    from recranker_jax.prompts.stage import build_instructions
+    from recranker_jax.prompts.stage import build_instructions, check_config
 
+    check_config(cfg)  # a config mistake fails before retrieval trains
     retrieval_dir, _ = retrieval_stage(cfg, progress)
     data_dir = cfg.run_dir / "data"
     return run_stage(

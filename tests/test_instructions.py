@@ -193,6 +193,7 @@ def test_configuration_mistakes_are_one_line_errors(synthetic_run, tmp_path, cap
         build(synthetic_run, "bad2", "prompts.tasks=[ranking]")
     assert main(["instructions", f"run.root={tmp_path}", "prompts.templates.listwise_hint=top: {best}"]) == 2
     assert "prompts.templates.listwise_hint: placeholder {ranked} is missing" in capsys.readouterr().err
+    assert not (tmp_path / "quickstart" / "retrieval").exists()  # refused before any stage ran
 
 
 def test_titles_are_quoted_and_ratings_mapped():

@@ -27,7 +27,7 @@ from recranker_jax.sampling import sample_users
 TASKS = ("pointwise", "pairwise", "listwise")
 
 
-def load_hints(retrieval_dir: Path, backbone: str, need_rating: bool) -> tuple[HintModels, np.ndarray]:
+def load_hints(retrieval_dir: Path, backbone: str) -> tuple[HintModels, np.ndarray]:
     """Hint models from the retrieval stage's files, and the backbone's user embeddings."""
     embeddings_path = retrieval_dir / backbone / "embeddings.npz"
     if not embeddings_path.is_file():
@@ -35,11 +35,6 @@ def load_hints(retrieval_dir: Path, backbone: str, need_rating: bool) -> tuple[H
     embeddings = np.load(embeddings_path)
     users, items = embeddings["users"], embeddings["items"]
     mf_path = retrieval_dir / "explicit_mf.npz"
-    if need_rating and not mf_path.is_file():
-        raise RecRankerError(
-            "prompts.hints with the pointwise task needs the explicit MF: add explicit_mf to retrieval.models "
-            "or set prompts.hints=false"
-        )
     mf = dict(np.load(mf_path)) if mf_path.is_file() else None
 
     def predict_rating(user: int, item_indices: np.ndarray) -> np.ndarray:
@@ -119,6 +114,11 @@ def check_config(cfg: Config) -> None:
         raise RecRankerError(
             f"prompts.listwise_liked={prompts.listwise_liked}: expected fewer than prompts.listwise_candidates={prompts.listwise_candidates}"
         )
+    if prompts.hints and "pointwise" in prompts.tasks and "explicit_mf" not in cfg.retrieval.models:
+        raise RecRankerError(
+            "prompts.hints with the pointwise task needs the explicit MF: add explicit_mf to retrieval.models "
+            "or set prompts.hints=false"
+        )
     check_templates(prompts.templates)
 
 
@@ -126,9 +126,7 @@ def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Pa
     check_config(cfg)
     prompts_cfg = cfg.prompts
     data = load_split(data_dir)
-    hints, user_embeddings = load_hints(
-        retrieval_dir, cfg.retrieval.backbone, prompts_cfg.hints and "pointwise" in prompts_cfg.tasks
-    )
+    hints, user_embeddings = load_hints(retrieval_dir, cfg.retrieval.backbone)
     builder = PromptBuilder(data, prompts_cfg, hints, prompts_cfg.item_noun or data.meta.get("item_noun", "item"))
     like_counts = np.bincount(data.train_user[data.train_is_like], minlength=data.n_users)
     sampled = sample_users(cfg.sampling, like_counts, user_embeddings, cfg.run.seed)
