@@ -204,3 +204,16 @@ def test_titles_are_quoted_and_ratings_mapped():
     assert doubled.max_rating == 10 and list(doubled.to_answer([0.5, 2.5, 4.5])) == [1, 5, 9]
     assert RatingScale(1.0, 10.0, "round").max_rating == 10  # BookCrossing
     assert half.hint(7.3) == "5.0" and doubled.hint(3.26) == "6.5"
+
+
+def test_a_local_tokenizer_folder_is_used_instead_of_training_one(synthetic_run, tmp_path):
+    trained_stats, _ = build(synthetic_run, "trained")
+    folder = synthetic_run / "trained" / "tokenizer"
+    stats, records = build(synthetic_run, "local", f"prompts.tokenizer={folder}")
+    assert stats["tokenizer"] == str(folder) and not (synthetic_run / "local" / "tokenizer").exists()
+    assert stats["vocab_size"] == trained_stats["vocab_size"] and len(records) > 0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecRankerError, match=r"tokenizer folder .*empty: could not load a tokenizer"):
+        build(synthetic_run, "broken", f"prompts.tokenizer={tmp_path / 'empty'}")
+    with pytest.raises(RecRankerError, match=r"tokenizer folder .*missing not found"):
+        build(synthetic_run, "missing", f"prompts.tokenizer={tmp_path / 'missing'}")
