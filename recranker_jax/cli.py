@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,17 +141,20 @@ def cmd_instructions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_data(cfg) -> None:
+    out, cached = _data_stage(cfg)
+    print(f"[data] {'cached' if cached else 'done'}: {out}")
+    _print_stats(json.loads((out / "meta.json").read_text()))
+
+
+STAGE_RUNNERS = {"data": _run_data, "retrieval": _run_retrieval, "instructions": _run_instructions}
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     for stage in PIPELINE_STAGES:
-        if stage == "data":
-            out, cached = _data_stage(cfg)
-            print(f"[data] {'cached' if cached else 'done'}: {out}")
-            _print_stats(json.loads((out / "meta.json").read_text()))
-        elif stage == "retrieval":
-            _run_retrieval(cfg)
-        elif stage == "instructions":
-            _run_instructions(cfg)
+        if stage in STAGE_RUNNERS:
+            STAGE_RUNNERS[stage](cfg)
         else:
             print(f"[{stage}] not yet available in this version")
     return 0
@@ -197,9 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    if hasattr(signal, "SIGPIPE"):  # `recranker data stats --json | head` ends quietly
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `recranker data stats --json | head` ends quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":
