@@ -87,3 +87,10 @@ def test_quickstart_runs_every_available_stage_then_reuses_them(tmp_path, capsys
     out = capsys.readouterr().out
     assert "[data] cached" in out and "[retrieval] cached" in out and "[instructions] cached" in out
     assert (run / "retrieval" / "_stage.json").read_text() == marker
+
+
+def test_a_filter_that_leaves_no_users_is_exit_code_2(tmp_path, capsys):
+    assert main(["data", "stats", f"run.root={tmp_path}", "data.min_likes=100000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.min_likes=100000 leaves no users") and err.count("\n") == 1
+    assert not (tmp_path / "quickstart" / "data").exists()

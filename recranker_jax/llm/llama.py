@@ -1,0 +1,157 @@
+"""LLaMA-2 architecture in Flax NNX, numerically matching Hugging Face's `LlamaForCausalLM`.
+
+Token embedding, RMSNorm, rotary embeddings in the Hugging Face convention
+(rotate-half, `rope_theta`), grouped-query attention, SwiGLU MLP, tied or
+untied output head. Weights are stored [in, out] (Hugging Face stores [out, in]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recranker_jax.errors import RecRankerError
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any], source: str = "config.json") -> LlamaConfig:
+        """From a Hugging Face config.json dict; refuses other architectures and rope scaling."""
+        model_type = config.get("model_type")
+        if model_type != "llama":
+            raise RecRankerError(f"{source}: model_type {model_type!r} is not supported; expected 'llama'")
+        rope = dict(config.get("rope_parameters") or {})  # transformers >= 5 keeps rope_theta here
+        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling:
+            raise RecRankerError(f"{source}: rope scaling {scaling} is not supported yet")
+        for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if config.get(key, supported) != supported:
+                raise RecRankerError(f"{source}: {key}={config[key]!r} is not supported; expected {supported!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {k: config[k] for k in names if config.get(k) is not None}
+        if "rope_theta" in rope and "rope_theta" not in values:
+            values["rope_theta"] = float(rope["rope_theta"])
+        values.setdefault("num_key_value_heads", config["num_attention_heads"])
+        missing = [k for k in names[:6] if k not in values]
+        if missing:
+            raise RecRankerError(f"{source}: missing {', '.join(missing)}")
+        return cls(**values)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((size,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding of x [B, T, H, D] at positions [B, T], Hugging Face's rotate-half layout."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1]))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(x.dtype)
+
+
+def _linear(in_size: int, out_size: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(in_size, out_size, use_bias=False, rngs=rngs,
+                      kernel_init=jax.nn.initializers.normal(0.02))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        self.q_proj, self.k_proj = _linear(d, h * hd, rngs), _linear(d, kv * hd, rngs)
+        self.v_proj, self.o_proj = _linear(d, kv * hd, rngs), _linear(h * hd, d, rngs)
+        self.heads, self.kv_heads, self.head_size, self.theta = h, kv, hd, cfg.rope_theta
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        batch, length, _ = x.shape
+        q = rotary(self.q_proj(x).reshape(batch, length, self.heads, self.head_size), positions, self.theta)
+        k = rotary(self.k_proj(x).reshape(batch, length, self.kv_heads, self.head_size), positions, self.theta)
+        v = self.v_proj(x).reshape(batch, length, self.kv_heads, self.head_size)
+        groups = self.heads // self.kv_heads
+        q = q.reshape(batch, length, self.kv_heads, groups, self.head_size)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / jnp.sqrt(self.head_size)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(batch, length, self.heads * self.head_size)
+        return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, rngs)
+        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, rngs)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nnx.Module):
+    """Causal LM: tokens [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
+                                      embedding_init=jax.nn.initializers.normal(0.02))
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        """segment_ids [B, T] (optional): packed sequences attend only within their segment."""
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        causal = jnp.tril(jnp.ones((length, length), bool))[None]
+        if segment_ids is not None:
+            causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, positions, causal)
+        x = self.norm(x)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(x)
+        return self.lm_head(x)

@@ -1,0 +1,65 @@
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recranker_jax.errors import RecRankerError
+from recranker_jax.llm.hf_import import load_hf_llama
+
+torch = pytest.importorskip("torch", reason="the PyTorch reference needs the test extra")
+transformers = pytest.importorskip("transformers")
+
+
+def save_tiny_llama(folder, tie=False, seed=0):
+    """A randomly initialised transformers LLaMA with GQA and 3 layers, saved as safetensors."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=112, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=5000.0, max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # non-trivial norm weights, so a mistake in their import would show
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_imported_model_gives_torch_logits(tmp_path, tie):
+    reference = save_tiny_llama(tmp_path, tie=tie)
+    model = load_hf_llama(tmp_path)
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 17))
+    with torch.no_grad():
+        want = reference(torch.from_numpy(tokens)).logits.numpy()
+    got = np.asarray(model(jnp.asarray(tokens)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_segments_do_not_attend_across_examples(tmp_path):
+    save_tiny_llama(tmp_path)
+    model = load_hf_llama(tmp_path)
+    rng = np.random.default_rng(1)
+    first, second = rng.integers(0, 97, 7), rng.integers(0, 97, 9)
+    packed = jnp.asarray(np.concatenate([first, second]))[None]
+    segments = jnp.asarray([0] * 7 + [1] * 9)[None]
+    positions = jnp.asarray(list(range(7)) + list(range(9)))[None]
+    logits = np.asarray(model(packed, positions, segments))[0]
+    alone = np.asarray(model(jnp.asarray(second)[None]))[0]
+    np.testing.assert_allclose(logits[7:], alone, atol=1e-5)
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    with pytest.raises(RecRankerError, match="config.json not found"):
+        load_hf_llama(tmp_path)
+    save_tiny_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(RecRankerError, match="model_type 'mistral' is not supported"):
+        load_hf_llama(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
+    with pytest.raises(RecRankerError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \[48, 112\], expected \[48, 100\]"):
+        load_hf_llama(tmp_path)
