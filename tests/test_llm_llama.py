@@ -63,3 +63,30 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
     with pytest.raises(RecRankerError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \[48, 112\], expected \[48, 100\]"):
         load_hf_llama(tmp_path)
+
+
+def test_greedy_generation_with_the_kv_cache_matches_transformers(tmp_path):
+    from recranker_jax.llm.llama import greedy_generate
+
+    reference = save_tiny_llama(tmp_path, seed=3)
+    model = load_hf_llama(tmp_path)
+    prompt = np.random.default_rng(2).integers(3, 97, (2, 9))
+    with torch.no_grad():
+        want = reference.generate(torch.from_numpy(prompt), max_new_tokens=20, do_sample=False,
+                                  min_new_tokens=20, pad_token_id=0)[:, 9:].numpy()
+    got = np.asarray(greedy_generate(model, jnp.asarray(prompt), 20))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_cached_shared_prefix_gives_the_full_sequence_logits(tmp_path):
+    from recranker_jax.llm.llama import KVCache
+
+    save_tiny_llama(tmp_path)
+    model = load_hf_llama(tmp_path)
+    rng = np.random.default_rng(5)
+    prefix, suffixes = rng.integers(0, 97, (1, 11)), rng.integers(0, 97, (4, 6))
+    cache = KVCache.zeros(model.config, 1, 17)
+    _, cache = model.extend(jnp.asarray(prefix), cache, 0)
+    logits, _ = model.extend(jnp.asarray(suffixes), cache.repeat(4), 11)
+    full = model(jnp.asarray(np.concatenate([np.repeat(prefix, 4, 0), suffixes], axis=1)))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full)[:, 11:], atol=1e-5)

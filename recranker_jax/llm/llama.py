@@ -2,7 +2,9 @@
 
 Token embedding, RMSNorm, rotary embeddings in the Hugging Face convention
 (rotate-half, `rope_theta`), grouped-query attention, SwiGLU MLP, tied or
-untied output head. Weights are stored [in, out] (Hugging Face stores [out, in]).
+untied output head, and a KV cache (`Llama.extend`) for decoding and for
+reusing a shared prompt prefix across a batch of continuations. Weights are
+stored [in, out] (Hugging Face stores [out, in]).
 """
 
 from __future__ import annotations
@@ -93,18 +95,26 @@ class Attention(nnx.Module):
         self.v_proj, self.o_proj = _linear(d, kv * hd, rngs), _linear(h * hd, d, rngs)
         self.heads, self.kv_heads, self.head_size, self.theta = h, kv, hd, cfg.rope_theta
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache | None = None, start: jax.Array | int = 0
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """With a cache, this call's keys / values are written at `start` and the queries attend
+        to everything cached (`mask` is then [B, T, S_max])."""
         batch, length, _ = x.shape
         q = rotary(self.q_proj(x).reshape(batch, length, self.heads, self.head_size), positions, self.theta)
         k = rotary(self.k_proj(x).reshape(batch, length, self.kv_heads, self.head_size), positions, self.theta)
         v = self.v_proj(x).reshape(batch, length, self.kv_heads, self.head_size)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), (0, start, 0, 0))
+            cache = LayerCache(k, v)
         groups = self.heads // self.kv_heads
         q = q.reshape(batch, length, self.kv_heads, groups, self.head_size)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / jnp.sqrt(self.head_size)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(batch, length, self.heads * self.head_size)
-        return self.o_proj(out)
+        return self.o_proj(out), cache
 
 
 class MLP(nnx.Module):
@@ -124,9 +134,10 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), positions, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, positions, mask, cache: LayerCache | None = None, start: jax.Array | int = 0):
+        attended, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, start)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class Llama(nnx.Module):
@@ -145,13 +156,74 @@ class Llama(nnx.Module):
         batch, length = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        causal = jnp.tril(jnp.ones((length, length), bool))[None]
+        mask = jnp.tril(jnp.ones((length, length), bool))[None]
         if segment_ids is not None:
-            causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, positions, causal)
+            x, _ = layer(x, positions, mask)
+        return self.head(x)
+
+    def head(self, x: jax.Array) -> jax.Array:
         x = self.norm(x)
         if self.lm_head is None:
             return self.embed_tokens.attend(x)
         return self.lm_head(x)
+
+    def extend(self, tokens: jax.Array, cache: KVCache, start: jax.Array | int) -> tuple[jax.Array, KVCache]:
+        """Logits of `tokens` [B, T] placed at positions start..start+T-1 after what `cache`
+        holds, and the cache with their keys and values added. A prompt prefix run once can
+        be broadcast to a batch of continuations (`KVCache.repeat`)."""
+        batch, length = tokens.shape
+        positions = start + jnp.broadcast_to(jnp.arange(length), (batch, length))
+        key_positions = jnp.arange(cache.max_length)
+        mask = key_positions[None, None, :] <= positions[:, :, None]
+        x = self.embed_tokens(tokens)
+        layers = []
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x, layer_cache = layer(x, positions, mask, layer_cache, start)
+            layers.append(layer_cache)
+        return self.head(x), KVCache(layers)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    keys: jax.Array  # [B, S_max, KV, D]
+    values: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    layers: list[LayerCache]
+
+    @property
+    def max_length(self) -> int:
+        return self.layers[0].keys.shape[1]
+
+    @classmethod
+    def zeros(cls, cfg: LlamaConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+        shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_size)
+        return cls([LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)])
+
+    def repeat(self, batch: int) -> KVCache:
+        """A batch-1 cache (a shared prefix) copied for `batch` continuations."""
+        return jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), self)
+
+
+@nnx.jit
+def _extend(model: Llama, tokens: jax.Array, cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
+    return model.extend(tokens, cache, start)
+
+
+def greedy_generate(model: Llama, prompt: jax.Array, steps: int) -> jax.Array:
+    """Greedy continuation [B, steps] of prompt [B, T], one jitted cached step per token."""
+    batch, length = prompt.shape
+    cache = KVCache.zeros(model.config, batch, length + steps)
+    logits, cache = _extend(model, prompt, cache, jnp.asarray(0))
+    generated = [jnp.argmax(logits[:, -1], axis=-1)]
+    for step in range(1, steps):
+        logits, cache = _extend(model, generated[-1][:, None], cache, jnp.asarray(length + step - 1))
+        generated.append(jnp.argmax(logits[:, -1], axis=-1))
+    return jnp.stack(generated, axis=1)
