@@ -90,3 +90,23 @@ def test_a_cached_shared_prefix_gives_the_full_sequence_logits(tmp_path):
     logits, _ = model.extend(jnp.asarray(suffixes), cache.repeat(4), 11)
     full = model(jnp.asarray(np.concatenate([np.repeat(prefix, 4, 0), suffixes], axis=1)))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(full)[:, 11:], atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_exported_folder_loads_in_transformers_with_equal_logits(tmp_path, tie):
+    from flax import nnx
+
+    from recranker_jax.llm.hf_export import export_hf
+    from recranker_jax.llm.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, rope_theta=2000.0, tie_word_embeddings=tie)
+    model = Llama(cfg, nnx.Rngs(7))  # trained-from-scratch shape: random JAX weights
+    export_hf(model, tmp_path / "out")
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = np.random.default_rng(3).integers(0, 61, (2, 13))
+    with torch.no_grad():
+        want = reloaded(torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), want, atol=1e-4, rtol=1e-4)
+    round_trip = load_hf_llama(tmp_path / "out")
+    np.testing.assert_array_equal(np.asarray(round_trip(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))))
