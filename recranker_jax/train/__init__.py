@@ -1,0 +1,1 @@
+"""Instruction tuning of the ranker LLM: packing, the sharded train step, the loop."""
