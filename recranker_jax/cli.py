@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     instructions = stages.add_parser("instructions", help="sample users, build the prompts of the three tasks")
     _add_common(instructions)
 
+    finetune = stages.add_parser("finetune", help="instruction-tune the ranker LLM on the run's instructions")
+    _add_common(finetune)
+
     bench = stages.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_retrieval = bench_commands.add_parser(
@@ -141,13 +144,33 @@ def cmd_instructions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_finetune(cfg) -> None:
+    from recranker_jax.pipeline import finetune_stage
+
+    out, cached = finetune_stage(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"[finetune] {'cached' if cached else 'done'}: {out}")
+    line = (f"{summary['examples']} examples in {summary['packed_rows']} packed rows, {summary['steps']} steps, "
+            f"{summary['parameters']:,} parameters")
+    if summary["first_loss"] is not None and summary["median_tokens_per_second"] is not None:
+        line += (f"; loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} (this call); "
+                 f"median {summary['median_tokens_per_second']:.0f} tokens/s")
+    print(line)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    _run_finetune(load_config(args.config, args.overrides))
+    return 0
+
+
 def _run_data(cfg) -> None:
     out, cached = _data_stage(cfg)
     print(f"[data] {'cached' if cached else 'done'}: {out}")
     _print_stats(json.loads((out / "meta.json").read_text()))
 
 
-STAGE_RUNNERS = {"data": _run_data, "retrieval": _run_retrieval, "instructions": _run_instructions}
+STAGE_RUNNERS = {"data": _run_data, "retrieval": _run_retrieval, "instructions": _run_instructions,
+                 "finetune": _run_finetune}
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -178,6 +201,7 @@ COMMANDS = {
     ("data", "split"): cmd_data_split,
     ("retrieval", None): cmd_retrieval,
     ("instructions", None): cmd_instructions,
+    ("finetune", None): cmd_finetune,
     ("bench", "retrieval"): cmd_bench_retrieval,
     ("quickstart", None): cmd_pipeline,
     ("pipeline", None): cmd_pipeline,

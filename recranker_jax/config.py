@@ -192,6 +192,49 @@ class PromptsConfig:
 
 
 @dataclasses.dataclass
+class ModelConfig:
+    """The ranker LLM: a local Hugging Face LLaMA folder (`checkpoint`), or, when null, a
+    LLaMA-architecture model trained from scratch with the sizes below (vocabulary from the
+    run's tokenizer)."""
+
+    checkpoint: str | None = None
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    """LoRA adapters (the default for pretrained checkpoints); off = full fine-tuning."""
+
+    enabled: bool = False
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Instruction tuning: packed rows of `seq_len` tokens, `batch_size` rows a step."""
+
+    seq_len: int = 1152
+    batch_size: int = 4
+    steps: int = 200
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    accumulation: int = 1
+    save_every: int = 50
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+
+
+@dataclasses.dataclass
 class Config:
     """The whole configuration of a run; later stages add their sections here."""
 
@@ -201,6 +244,8 @@ class Config:
     retrieval: RetrievalConfig = dataclasses.field(default_factory=RetrievalConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -299,6 +344,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise wrong()
     if tp is str:
         if isinstance(value, str):

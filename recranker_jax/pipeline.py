@@ -116,3 +116,18 @@ def instructions_stage(cfg: Config, progress: bool = True) -> tuple[Path, bool]:
     return run_stage(
         cfg.run_dir, "instructions", instructions_key(cfg), lambda out: build_instructions(cfg, data_dir, retrieval_dir, out)
     )
+
+
+def finetune_key(cfg: Config) -> str:
+    return fingerprint("finetune", instructions_key(cfg), cfg.model, cfg.train, cfg.run.seed)
+
+
+def finetune_stage(cfg: Config, progress: bool = True) -> tuple[Path, bool]:
+    """The finetune stage: runs/<name>/finetune/ (runs the instructions stage first if needed)."""
+    from recranker_jax.train.stage import build_finetune, check_config
+
+    check_config(cfg)
+    instructions_dir, _ = instructions_stage(cfg, progress)
+    key = finetune_key(cfg)
+    checkpoints = cfg.run_dir / "checkpoints" / f"finetune-{key}"
+    return run_stage(cfg.run_dir, "finetune", key, lambda out: build_finetune(cfg, instructions_dir, out, checkpoints, progress))

@@ -78,3 +78,12 @@ def test_string_overrides_are_taken_verbatim_other_types_parsed():
     assert cfg.run.name == "007"  # a string field keeps the text, leading zeros included
     assert cfg.prompts.tokenizer is None
     assert cfg.prompts.tasks == ["pointwise", "listwise"]
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("retrieval:\n  lr: 1e-3\n")  # YAML 1.1 would read this as a string
+    cfg = load_config(path, ["train.lr=2e-4"])
+    assert cfg.retrieval.lr == 1e-3 and cfg.train.lr == 2e-4
+    with pytest.raises(RecRankerError, match="config key train.lr: expected float, got 'fast'"):
+        load_config(None, ["train.lr=fast"])

@@ -105,12 +105,12 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path):
         return model, nnx.Optimizer(model, make_optimizer(5e-3, 2, 6), wrt=nnx.Param)
 
     model, optimizer = fresh()
-    straight = train(model, optimizer, rows, batch_size=4, steps=6, seed=0, progress=False)
+    straight, _ = train(model, optimizer, rows, batch_size=4, steps=6, seed=0, progress=False)
     model_a, optimizer_a = fresh()
-    first = train(model_a, optimizer_a, rows, batch_size=4, steps=3, seed=0, checkpoint_dir=tmp_path, save_every=2, progress=False)
+    first, reached = train(model_a, optimizer_a, rows, batch_size=4, steps=3, seed=0, checkpoint_dir=tmp_path, save_every=2, progress=False)
     model_b, optimizer_b = fresh()  # a new process: nothing in memory survives
-    second = train(model_b, optimizer_b, rows, batch_size=4, steps=6, seed=0, checkpoint_dir=tmp_path, save_every=2, progress=False)
-    assert [s.step for s in second] == [4, 5, 6]
+    second, _ = train(model_b, optimizer_b, rows, batch_size=4, steps=6, seed=0, checkpoint_dir=tmp_path, save_every=2, progress=False)
+    assert reached == 3 and [s.step for s in second] == [4, 5, 6]
     np.testing.assert_allclose([s.loss for s in first + second], [s.loss for s in straight], rtol=1e-6)
     tokens = jnp.asarray(rows.tokens[:2])
     np.testing.assert_allclose(np.asarray(model_b(tokens)), np.asarray(model(tokens)), rtol=1e-5, atol=1e-6)
@@ -132,7 +132,7 @@ def test_sigterm_stops_after_the_step_and_leaves_a_checkpoint(tmp_path):
         if entry.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # what a TPU / Slurm preemption sends
 
-    logs = train(model, optimizer, rows, batch_size=4, steps=50, seed=0, checkpoint_dir=tmp_path,
+    logs, reached = train(model, optimizer, rows, batch_size=4, steps=50, seed=0, checkpoint_dir=tmp_path,
                  save_every=100, log=preempt, progress=False)
-    assert [entry.step for entry in logs] == [1, 2]
+    assert [entry.step for entry in logs] == [1, 2] and reached == 2
     assert ocp.CheckpointManager(tmp_path.resolve()).latest_step() == 2

@@ -55,8 +55,12 @@ def train(
     rules: dict[str, list[str]] | None = None,
     log: Callable[[StepLog], None] | None = None,
     progress: bool = True,
-) -> list[StepLog]:
-    """Run `steps` optimizer steps (continuing from the latest checkpoint if there is one)."""
+) -> tuple[list[StepLog], int]:
+    """Run optimizer steps up to `steps` (continuing from the latest checkpoint if there is one).
+
+    Returns this call's step logs and the step reached: less than `steps` when a SIGTERM
+    stopped the run (its checkpoint is saved; calling again resumes).
+    """
     manager = None
     start = 0
     if checkpoint_dir is not None:
@@ -106,4 +110,4 @@ def train(
         bar.close()
         if manager is not None:
             manager.close()
-    return logs
+    return logs, step

@@ -1,0 +1,202 @@
+"""LoRA as a model transform: instruction tuning trains low-rank adapters, never the base LLaMA.
+
+Design (after Levanter's LoRA):
+- `apply_lora` swaps the chosen `nnx.Linear` projections of every layer, in
+  place, for `LoRALinear(base)`: y = base(x) + dropout(x) @ A @ B * alpha / rank.
+  A [in, r] and B [r, out] are `nnx.LoRAParam`, so `nnx.Optimizer(model, tx,
+  wrt=nnx.LoRAParam)` and `nnx.DiffState(0, nnx.LoRAParam)` select exactly the
+  adapters; the base kernels stay plain `nnx.Param` and are never updated.
+- Init follows Hugging Face PEFT: A ~ kaiming-uniform(a=sqrt(5)), i.e.
+  U(-1/sqrt(in), 1/sqrt(in)); B = 0, so the adapted model equals the base
+  bit for bit until the first update.
+- Dropout acts on the adapter's input only (as PEFT does). It is an
+  `nnx.Dropout`, active by default like every NNX dropout: switch it off for
+  evaluation with `model.eval()` or `nnx.view(model, deterministic=True)`.
+  Rate 0 holds no RNG state and is the identity.
+- `merge_lora` folds A @ B * scale into the base kernels and puts back plain
+  `nnx.Linear` modules (no adapter cost at serving time).
+- `export_peft` writes `adapter_config.json` + `adapter_model.safetensors` that
+  `peft.PeftModel.from_pretrained(base, folder)` loads onto the Hugging Face
+  model: our module paths mirror Hugging Face names, so
+  `layers.3.self_attn.q_proj` becomes
+  `base_model.model.model.layers.3.self_attn.q_proj.lora_{A,B}.weight`,
+  stored transposed ([r, in] and [out, r]) as torch does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from recranker_jax.errors import RecRankerError
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+VALID_TARGETS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+# PEFT's default LoRA A init, kaiming_uniform_(a=sqrt(5)) on torch's [r, in]
+# weight: bound = sqrt(6 / ((1 + 5) * in)) = 1 / sqrt(in); the same as
+# variance scaling 1/3, fan-in, uniform on our [in, r] layout.
+lora_a_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class LoRALinear(nnx.Module):
+    """A frozen `nnx.Linear` plus a trainable low-rank update: base(x) + dropout(x) @ A @ B * alpha / rank."""
+
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs,
+                 param_dtype: jnp.dtype = jnp.float32):
+        in_features, out_features = base.kernel.shape
+        self.base = base
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (in_features, rank), param_dtype))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype))
+        self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
+
+    def delta(self) -> jax.Array:
+        """The update folded into the kernel by merging: A @ B * scale, [in, out], float32."""
+        return (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.scale
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.base(x)
+        update = (self.dropout(x) @ self.lora_a[...]) @ self.lora_b[...]
+        return y + (update * self.scale).astype(y.dtype)
+
+
+def normalise_targets(targets: Sequence[str]) -> tuple[str, ...]:
+    """'q' or 'q_proj' -> 'q_proj', in the given order without repeats; RecRankerError for unknown names."""
+    if isinstance(targets, str):
+        targets = [targets]
+    names = []
+    for target in targets:
+        name = target if str(target).endswith("_proj") else f"{target}_proj"
+        if name not in VALID_TARGETS:
+            valid = ", ".join(n.removesuffix("_proj") for n in VALID_TARGETS)
+            raise RecRankerError(f"unknown LoRA target {target!r}; expected some of {valid} (or their *_proj names)")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise RecRankerError("LoRA targets are empty; expected some of q, k, v, o, gate, up, down")
+    return tuple(names)
+
+
+def _check_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise RecRankerError(f"LoRA rank={rank!r}: expected an integer >= 1")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise RecRankerError(f"LoRA alpha={alpha!r}: expected a positive number")
+    if not 0.0 <= dropout < 1.0:
+        raise RecRankerError(f"LoRA dropout={dropout!r}: expected a rate in [0, 1)")
+
+
+def _parent(layer: nnx.Module, projection: str) -> nnx.Module:
+    return layer.self_attn if projection in ATTENTION_PROJECTIONS else layer.mlp
+
+
+def apply_lora(model, targets: Sequence[str], rank: int, alpha: float, dropout: float, rngs: nnx.Rngs):
+    """Wrap the target projections of every layer in `LoRALinear`, in place; returns the model."""
+    projections = normalise_targets(targets)
+    _check_hyperparameters(rank, alpha, dropout)
+    for index, layer in enumerate(model.layers):
+        for projection in projections:
+            parent = _parent(layer, projection)
+            base = getattr(parent, projection)
+            if isinstance(base, LoRALinear):
+                raise RecRankerError(
+                    f"layers.{index}.{projection} already has a LoRA adapter; call merge_lora first to stack another"
+                )
+            if not isinstance(base, nnx.Linear) or getattr(base, "bias", None) is not None:
+                raise RecRankerError(f"layers.{index}.{projection} is {type(base).__name__}; expected a bias-free nnx.Linear")
+            setattr(parent, projection, LoRALinear(base, rank, alpha, dropout, rngs))
+    return model
+
+
+def lora_modules(model) -> dict[tuple, LoRALinear]:
+    """Path in the model (e.g. ('layers', 0, 'self_attn', 'q_proj')) -> its LoRALinear."""
+    return {tuple(path): module for path, module in nnx.iter_modules(model) if isinstance(module, LoRALinear)}
+
+
+def merge_lora(model):
+    """Fold every adapter into its base kernel and put back the plain nnx.Linear; in place, returns the model."""
+    for path, module in lora_modules(model).items():
+        kernel = module.base.kernel
+        merged = kernel[...].astype(jnp.float32) + module.delta()
+        kernel.set_value(merged.astype(kernel[...].dtype))
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        setattr(parent, path[-1], module.base)
+    return model
+
+
+def lora_parameter_count(model) -> int:
+    """Number of trainable adapter weights (sum of r * (in + out) over the adapted projections)."""
+    return sum(m.lora_a[...].size + m.lora_b[...].size for m in lora_modules(model).values())
+
+
+def _json_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def export_peft(model, folder: str | Path, base_model_name_or_path: str, targets: Sequence[str], rank: int,
+                alpha: float, dropout: float) -> Path:
+    """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into `folder`; returns it.
+
+    The arguments must describe the adapters the model holds (checked): the
+    config is what `peft` uses to rebuild the modules the weights load into.
+    Arrays must be addressable from this process (gather them first on multi-host runs).
+    """
+    from safetensors.numpy import save_file
+
+    projections = normalise_targets(targets)
+    _check_hyperparameters(rank, alpha, dropout)
+    modules = lora_modules(model)
+    if not modules:
+        raise RecRankerError("the model has no LoRA adapters to export; call apply_lora first")
+    found = sorted({path[-1] for path in modules})
+    if found != sorted(projections):
+        raise RecRankerError(f"export targets {list(projections)} differ from the model's adapted projections {found}")
+    tensors = {}
+    for path, module in modules.items():
+        if module.rank != rank or not math.isclose(module.alpha, alpha):
+            raise RecRankerError(
+                f"{'.'.join(map(str, path))} has rank {module.rank}, alpha {module.alpha}; export asked for rank {rank}, alpha {alpha}"
+            )
+        name = "base_model.model.model." + ".".join(map(str, path))
+        lora_a = np.asarray(jax.device_get(module.lora_a[...]), np.float32)
+        lora_b = np.asarray(jax.device_get(module.lora_b[...]), np.float32)
+        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(lora_a.T)  # [r, in]
+        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(lora_b.T)  # [out, r]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(rank),
+        "lora_alpha": _json_number(alpha),
+        "lora_dropout": float(dropout),
+        "target_modules": list(projections),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
