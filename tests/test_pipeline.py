@@ -74,18 +74,20 @@ def test_unknown_source_and_out_is_a_file(tmp_path, capsys):
 def test_quickstart_runs_every_available_stage_then_reuses_them(tmp_path, capsys):
     fast = [f"run.root={tmp_path}", "retrieval.epochs=2", "retrieval.eval_every=1", "retrieval.dim=8",
             "retrieval.models=[lightgcn, explicit_mf]", "retrieval.explicit_mf.epochs=1", "retrieval.explicit_mf.eval_every=1",
-            "sampling.size=50", "prompts.tokenizer_vocab_size=600"]
+            "sampling.size=50", "prompts.tokenizer_vocab_size=600", "train.steps=2", "train.batch_size=8",
+            "model.hidden_size=16", "model.intermediate_size=32"]
     assert main(["quickstart", *fast]) == 0
     out = capsys.readouterr().out
     assert "[data] done" in out and "users_kept          664" in out
     assert "[retrieval] done" in out and "[instructions] done" in out
-    assert "[finetune] not yet available" in out
+    assert "[finetune] done" in out and "[rank] not yet available" in out
     run = tmp_path / "quickstart"
     assert (run / "config.yaml").is_file() and (run / "instructions" / "train.jsonl").is_file()
     marker = (run / "retrieval" / "_stage.json").read_text()
     assert main(["quickstart", *fast]) == 0
     out = capsys.readouterr().out
     assert "[data] cached" in out and "[retrieval] cached" in out and "[instructions] cached" in out
+    assert "[finetune] cached" in out
     assert (run / "retrieval" / "_stage.json").read_text() == marker
 
 
