@@ -123,11 +123,6 @@ def _run_retrieval(cfg) -> None:
     print(format_table(result, "test"))
 
 
-def cmd_retrieval(args: argparse.Namespace) -> int:
-    _run_retrieval(load_config(args.config, args.overrides))
-    return 0
-
-
 def _run_instructions(cfg) -> None:
     from recranker_jax.pipeline import instructions_stage
 
@@ -137,11 +132,6 @@ def _run_instructions(cfg) -> None:
     print(f"train examples by task: {stats['train']['by_task']} (sampling: {stats['sampling']['strategy']}, "
           f"{stats['sampling']['distinct_users']} distinct users); skipped: {stats['train']['skipped_too_few_ratings']}")
     print(f"test prompts by task: {stats['test']['by_task']}; truncated history: {stats['truncated_history']}")
-
-
-def cmd_instructions(args: argparse.Namespace) -> int:
-    _run_instructions(load_config(args.config, args.overrides))
-    return 0
 
 
 def _run_finetune(cfg) -> None:
@@ -158,11 +148,6 @@ def _run_finetune(cfg) -> None:
     print(line)
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    _run_finetune(load_config(args.config, args.overrides))
-    return 0
-
-
 def _run_data(cfg) -> None:
     out, cached = _data_stage(cfg)
     print(f"[data] {'cached' if cached else 'done'}: {out}")
@@ -171,6 +156,12 @@ def _run_data(cfg) -> None:
 
 STAGE_RUNNERS = {"data": _run_data, "retrieval": _run_retrieval, "instructions": _run_instructions,
                  "finetune": _run_finetune}
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """`recranker <stage>`: run one stage (and any unfinished stage before it)."""
+    STAGE_RUNNERS[args.command](load_config(args.config, args.overrides))
+    return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -199,9 +190,9 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
 COMMANDS = {
     ("data", "stats"): cmd_data_stats,
     ("data", "split"): cmd_data_split,
-    ("retrieval", None): cmd_retrieval,
-    ("instructions", None): cmd_instructions,
-    ("finetune", None): cmd_finetune,
+    ("retrieval", None): cmd_stage,
+    ("instructions", None): cmd_stage,
+    ("finetune", None): cmd_stage,
     ("bench", "retrieval"): cmd_bench_retrieval,
     ("quickstart", None): cmd_pipeline,
     ("pipeline", None): cmd_pipeline,
