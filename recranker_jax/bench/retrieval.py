@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from recranker_jax.config import Config, RetrievalConfig
 from recranker_jax.errors import RecRankerError
 

@@ -23,7 +23,7 @@ from recranker_jax.data.split import SplitData, load_split
 from recranker_jax.errors import RecRankerError
 from recranker_jax.parallel import make_mesh
 from recranker_jax.retrieval.evaluate import Scorer, evaluate, exclusions, top_k
-from recranker_jax.retrieval.train import liked_pairs, train_bpr, train_explicit_mf
+from recranker_jax.retrieval.train import held_out_rmse, liked_pairs, train_bpr, train_explicit_mf
 
 MODELS = ("lightgcn", "mf", "explicit_mf", "popularity")
 
@@ -110,10 +110,8 @@ def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Pat
         for split in ("valid", "test"):
             entry[split] = evaluate(scorers[name], data, split, retrieval.eval_batch_users)
         if name == "explicit_mf":
-            users = np.arange(data.n_users)
-            for split, item, rating in (("valid", data.valid_item, data.valid_rating), ("test", data.test_item, data.test_rating)):
-                predicted = np.asarray(model(users, item))
-                entry[split]["rmse"] = float(np.sqrt(np.mean((predicted - rating) ** 2)))
+            for split in ("valid", "test"):
+                entry[split]["rmse"] = held_out_rmse(model, data, split)
         entry["seconds"] = round(time.time() - started, 2)
         metrics[name] = entry
 

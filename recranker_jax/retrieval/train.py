@@ -284,6 +284,13 @@ def train_bpr(
     return FitResult(problem.scorer_of(best), best_epoch, best_score, history, nnx.state(best, nnx.Param))
 
 
+def held_out_rmse(model: ExplicitMF, data: SplitData, split: str) -> float:
+    """RMSE of the rating model on every user's validation or test item."""
+    item, rating = (data.valid_item, data.valid_rating) if split == "valid" else (data.test_item, data.test_rating)
+    predicted = np.asarray(model(jnp.arange(data.n_users), jnp.asarray(item)))
+    return float(np.sqrt(np.mean((predicted - rating) ** 2)))
+
+
 def train_explicit_mf(
     data: SplitData,
     cfg: ExplicitMFConfig,
@@ -306,9 +313,7 @@ def train_explicit_mf(
         return rating_loss(model, batch["user"], batch["item"], batch["rating"], batch["weight"], cfg.l2)
 
     def validate(model: ExplicitMF) -> tuple[float, dict[str, float]]:
-        users = np.arange(data.n_users)
-        predicted = np.asarray(model(jnp.asarray(users), jnp.asarray(data.valid_item)))
-        rmse = float(np.sqrt(np.mean((predicted - data.valid_rating) ** 2)))
+        rmse = held_out_rmse(model, data, "valid")
         return -rmse, {"valid_rmse": rmse}
 
     best, best_epoch, best_score, history = fit(
