@@ -235,6 +235,35 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class RankConfig:
+    """Re-ranking the backbone's candidates with the tuned LLM, and the hybrid's constants.
+
+    methods: single tasks to score (each needs its prompts) plus `hybrid`.
+    mode: scores (expected rating, P(Yes) vs P(No), constrained listwise decoding) or
+      generate (the reference: free text, parsed; unreadable -> rating 3 / no preference).
+    retrieval_weight: U_retrieval(c) = retrieval_weight * (k - r) for 0-based rank r.
+    pair_credit: C2; list_credit: C3; list_positions: the listwise answer's length.
+    alphas: hybrid weights of U_point, U_pair, U_list (1:1:1 is the reference's).
+    users: hits (only users whose held-out item is among the candidates; the others are
+      misses whatever the LLM does) or all.
+    """
+
+    methods: list[str] = dataclasses.field(default_factory=lambda: ["pointwise", "pairwise", "listwise", "hybrid"])
+    mode: Literal["scores", "generate"] = "scores"
+    retrieval_weight: float = 0.05
+    pair_credit: float = 0.5
+    list_credit: float = 0.025
+    list_positions: int = 5
+    alphas: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
+    users: Literal["hits", "all"] = "hits"
+    splits: list[str] = dataclasses.field(default_factory=lambda: ["test", "valid"])
+    ks: list[int] = dataclasses.field(default_factory=lambda: [3, 5, 10])
+    batch_size: int = 16
+    generate_tokens: int = 96
+    bootstrap: int = 1000
+
+
+@dataclasses.dataclass
 class Config:
     """The whole configuration of a run; later stages add their sections here."""
 
@@ -246,6 +275,7 @@ class Config:
     prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    rank: RankConfig = dataclasses.field(default_factory=RankConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
