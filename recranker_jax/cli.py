@@ -17,7 +17,7 @@ from pathlib import Path
 from recranker_jax.config import load_config
 from recranker_jax.errors import RecRankerError
 
-# Stages of the whole pipeline, in order; those without a runner are announced as not yet built.
+# Stages of the whole pipeline, in order.
 PIPELINE_STAGES = ("data", "retrieval", "instructions", "finetune", "rank", "report")
 
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = stages.add_parser("finetune", help="instruction-tune the ranker LLM on the run's instructions")
     _add_common(finetune)
 
+    rank = stages.add_parser("rank", help="re-rank the candidates with the tuned LLM (each task and the hybrid); evaluate")
+    _add_common(rank)
+
     bench = stages.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_retrieval = bench_commands.add_parser(
@@ -61,6 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(bench_retrieval, default_config="quickstart")
     bench_retrieval.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median)")
     bench_retrieval.add_argument("--out", help="also write the results as JSON to this file")
+    bench_all = bench_commands.add_parser(
+        "all", help="retrieval, training and ranking benchmarks at fixed sizes, in one file for `bench compare`"
+    )
+    _add_common(bench_all, default_config="quickstart")
+    bench_all.add_argument("--out", required=True, help="write the results as JSON to this file")
+    bench_all.add_argument("--only", default="retrieval,train,rank", help="comma-separated parts (default: all three)")
+    bench_all.add_argument("--train-preset", default="auto", choices=["auto", "quickstart", "7b-lora"],
+                           help="training problem: auto = quickstart on the CPU, 7b-lora on accelerators")
+    bench_all.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up (median)")
+    bench_rank = bench_commands.add_parser(
+        "rank", help="seconds per scored candidate: prefix-cached scorers vs generate-and-parse, same model and prompts"
+    )
+    _add_common(bench_rank, default_config="quickstart")
+    bench_rank.add_argument("--users", type=int, default=32, help="test users whose prompts are scored (default 32)")
+    bench_rank.add_argument("--repeats", type=int, default=1, help="timed repeats after one warm-up (median)")
+    bench_rank.add_argument("--out", help="also write the results as JSON to this file")
+    bench_compare = bench_commands.add_parser("compare", help="bench result files side by side, with ratios to the first")
+    bench_compare.add_argument("files", nargs="+", metavar="RESULT.json", help="files written by recranker bench")
+
+    plan = stages.add_parser("plan", help="bytes per device of a finetune config on a mesh (abstract shapes, no weights)")
+    _add_common(plan)
+    from recranker_jax.plan import add_plan_arguments
+
+    add_plan_arguments(plan)
+
+    report = stages.add_parser("report", help="write the run's report.md and plots, or compare runs side by side")
+    _add_common(report)
+    report.add_argument("--runs", nargs="+", metavar="DIR", help="compare these run folders in one table instead")
+    report.add_argument("--split", default="test", help="split shown in the printed table (test or valid); default test")
 
     quickstart = stages.add_parser("quickstart", help="the whole pipeline on the embedded MovieLens, on the CPU")
     _add_common(quickstart, default_config="quickstart")
@@ -148,6 +180,24 @@ def _run_finetune(cfg) -> None:
     print(line)
 
 
+def _run_rank(cfg) -> None:
+    from recranker_jax.pipeline import rank_stage
+    from recranker_jax.report import format_table
+
+    out, cached = rank_stage(cfg)
+    document = json.loads((out / "metrics.json").read_text())
+    test = document["splits"].get("test") or next(iter(document["splits"].values()))
+    print(f"[rank] {'cached' if cached else 'done'}: {out} ({document['mode']} mode, {test['scored_users']} users "
+          f"with the held-out item among the candidates scored by the LLM)")
+    print(format_table(document, "test" if "test" in document["splits"] else next(iter(document["splits"]))))
+
+
+def _run_report(cfg) -> None:
+    from recranker_jax.report import write_report
+
+    print(f"[report] written: {write_report(cfg.run_dir)}")
+
+
 def _run_data(cfg) -> None:
     out, cached = _data_stage(cfg)
     print(f"[data] {'cached' if cached else 'done'}: {out}")
@@ -155,7 +205,7 @@ def _run_data(cfg) -> None:
 
 
 STAGE_RUNNERS = {"data": _run_data, "retrieval": _run_retrieval, "instructions": _run_instructions,
-                 "finetune": _run_finetune}
+                 "finetune": _run_finetune, "rank": _run_rank, "report": _run_report}
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -167,10 +217,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     for stage in PIPELINE_STAGES:
-        if stage in STAGE_RUNNERS:
-            STAGE_RUNNERS[stage](cfg)
-        else:
-            print(f"[{stage}] not yet available in this version")
+        STAGE_RUNNERS[stage](cfg)
     return 0
 
 
@@ -187,15 +234,71 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_all(args: argparse.Namespace) -> int:
+    from recranker_jax.bench.all import bench_all
+    from recranker_jax.bench.compare import format_comparison
+
+    doc = bench_all(load_config(args.config, args.overrides), [p.strip() for p in args.only.split(",") if p.strip()],
+                    args.train_preset, args.repeats)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(format_comparison([args.out]))
+    print(f"results written to {args.out}")
+    return 0
+
+
+def cmd_bench_rank(args: argparse.Namespace) -> int:
+    from recranker_jax.bench.rank import bench_rank, format_results
+
+    doc = bench_rank(load_config(args.config, args.overrides), users=args.users, repeats=args.repeats)
+    print(format_results(doc))
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"results written to {args.out}")
+    return 0
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from recranker_jax.bench.compare import format_comparison
+
+    print(format_comparison(args.files))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from recranker_jax.plan import run_plan
+
+    return run_plan(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from recranker_jax.report import compare_runs, format_table, write_report
+
+    if args.runs:
+        if args.overrides or args.config:
+            raise RecRankerError("report --runs compares finished run folders; drop --config and key=value overrides")
+        print(compare_runs([Path(d) for d in args.runs], args.split))
+        return 0
+    path = write_report(load_config(args.config, args.overrides).run_dir)
+    print(f"report written to {path}")
+    print(format_table(json.loads((path.parent / "metrics.json").read_text()), args.split))
+    return 0
+
+
 COMMANDS = {
     ("data", "stats"): cmd_data_stats,
     ("data", "split"): cmd_data_split,
     ("retrieval", None): cmd_stage,
     ("instructions", None): cmd_stage,
     ("finetune", None): cmd_stage,
+    ("rank", None): cmd_stage,
     ("bench", "retrieval"): cmd_bench_retrieval,
+    ("bench", "compare"): cmd_bench_compare,
+    ("bench", "rank"): cmd_bench_rank,
+    ("bench", "all"): cmd_bench_all,
+    ("plan", None): cmd_plan,
     ("quickstart", None): cmd_pipeline,
     ("pipeline", None): cmd_pipeline,
+    ("report", None): cmd_report,
 }
 
 
@@ -207,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     action = getattr(args, "data_command", None) or getattr(args, "bench_command", None)
     handler = COMMANDS[(args.command, action)]
     try:
+        from recranker_jax.parallel import initialize_distributed
+
+        initialize_distributed()  # several processes (TPU pod, Slurm, RECRANKER_*): join them first
         return handler(args)
     except RecRankerError as err:
         message = " ".join(str(err).split())

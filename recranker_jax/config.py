@@ -195,7 +195,8 @@ class PromptsConfig:
 class ModelConfig:
     """The ranker LLM: a local Hugging Face LLaMA folder (`checkpoint`), or, when null, a
     LLaMA-architecture model trained from scratch with the sizes below (vocabulary from the
-    run's tokenizer)."""
+    run's tokenizer). `dtype` is the compute dtype, `param_dtype` the stored weights'
+    (bfloat16 halves their memory; LoRA adapters and optimizer moments stay float32)."""
 
     checkpoint: str | None = None
     hidden_size: int = 128
@@ -205,6 +206,8 @@ class ModelConfig:
     num_key_value_heads: int = 2
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclasses.dataclass
@@ -220,7 +223,8 @@ class LoRAConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Instruction tuning: packed rows of `seq_len` tokens, `batch_size` rows a step."""
+    """Instruction tuning: packed rows of `seq_len` tokens, `batch_size` rows a step (split
+    over the mesh's batch axes); `remat` recomputes layer activations in the backward pass."""
 
     seq_len: int = 1152
     batch_size: int = 4
@@ -231,6 +235,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     accumulation: int = 1
     save_every: int = 50
+    remat: bool = False
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 

@@ -3,18 +3,29 @@
 Model code names logical axes ("batch", "embed", "users", ...); the config's
 `mesh.rules` maps them to mesh axes ("data", "fsdp", "tensor"). Nothing here
 knows device counts: the mesh shape comes from the config, -1 taking the rest.
+
+Runs over several processes (TPU pods, Slurm, local tests): `initialize_distributed` joins
+them from the environment, `is_primary` says which one writes files, `to_host` gathers a
+global array, and `on_primary` runs host-side work once while the others wait.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from recranker_jax.config import MeshConfig
 from recranker_jax.errors import RecRankerError
+
+T = TypeVar("T")
 
 
 def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
@@ -75,3 +86,185 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: dict
 def axis_size(mesh: Mesh, logical_name: str, rules: dict[str, list[str]]) -> int:
     """How many shards a dimension with this logical name is split into on `mesh`."""
     return math.prod(mesh.shape[a] for a in rules.get(logical_name, []))
+
+
+# ----------------------------------------------------------------------------- several processes
+#
+# One process per host (TPU VM, Slurm task, or a local process in tests) runs the same
+# program; `jax.distributed.initialize` joins them into one runtime whose devices form the
+# global mesh. The environment says how: explicit RECRANKER_* variables (any machine), or
+# Slurm / a TPU pod, where JAX's own cluster detection finds the coordinator.
+
+EXPLICIT_VARIABLES = ("RECRANKER_COORDINATOR", "RECRANKER_NUM_PROCESSES", "RECRANKER_PROCESS_ID")
+CPU_COLLECTIVES = ("gloo", "mpi")
+
+
+def _positive_int(environ: Mapping[str, str], name: str, minimum: int) -> int:
+    value = environ[name]
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise RecRankerError(f"{name}={value}: expected an integer >= {minimum}")
+    return number
+
+
+def distributed_settings(environ: Mapping[str, str]) -> dict | None:
+    """How to join the processes of this run, read from `environ`; None for a single process.
+
+    - RECRANKER_DISTRIBUTED=off: a single process whatever else is set; =auto: JAX's cluster
+      detection (`jax.distributed.initialize()` without arguments).
+    - RECRANKER_COORDINATOR (host:port), RECRANKER_NUM_PROCESSES, RECRANKER_PROCESS_ID: all
+      three or none; RECRANKER_CPU_COLLECTIVES (gloo, the default with several processes, or mpi)
+      is what the CPU backend uses between processes (the only backend that reads it).
+    - Slurm inside an `srun` step with more than one task, or a TPU pod (several
+      TPU_WORKER_HOSTNAMES, or MEGASCALE_COORDINATOR_ADDRESS): JAX's cluster detection.
+
+    Returns {"coordinator_address", "num_processes", "process_id", "cpu_collectives"} for the
+    explicit form, {"auto": True, "cpu_collectives"} for cluster detection.
+    """
+    collectives = environ.get("RECRANKER_CPU_COLLECTIVES")
+    if collectives is not None and collectives not in CPU_COLLECTIVES:
+        raise RecRankerError(f"RECRANKER_CPU_COLLECTIVES={collectives}: expected one of {', '.join(CPU_COLLECTIVES)}")
+    mode = environ.get("RECRANKER_DISTRIBUTED", "")
+    if mode not in ("", "off", "auto"):
+        raise RecRankerError(f"RECRANKER_DISTRIBUTED={mode}: expected off or auto (or unset)")
+    if mode == "off":
+        return None
+    given = [name for name in EXPLICIT_VARIABLES if environ.get(name)]
+    if given:
+        missing = [name for name in EXPLICIT_VARIABLES if name not in given]
+        if missing:
+            raise RecRankerError(f"{given[0]} is set but {missing[0]} is not: set all of {', '.join(EXPLICIT_VARIABLES)}")
+        coordinator = environ["RECRANKER_COORDINATOR"]
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise RecRankerError(f"RECRANKER_COORDINATOR={coordinator}: expected host:port, e.g. 10.0.0.2:8476")
+        num_processes = _positive_int(environ, "RECRANKER_NUM_PROCESSES", 1)
+        process_id = _positive_int(environ, "RECRANKER_PROCESS_ID", 0)
+        if process_id >= num_processes:
+            raise RecRankerError(
+                f"RECRANKER_PROCESS_ID={process_id}: expected 0 to {num_processes - 1} "
+                f"(RECRANKER_NUM_PROCESSES={num_processes})"
+            )
+        if num_processes == 1:
+            return None
+        return {"coordinator_address": coordinator, "num_processes": num_processes, "process_id": process_id,
+                "cpu_collectives": collectives or "gloo"}
+    slurm_tasks = environ.get("SLURM_NTASKS", "1")
+    in_slurm_step = "SLURM_JOB_ID" in environ and "SLURM_STEP_NODELIST" in environ
+    tpu_hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if (mode == "auto" or (in_slurm_step and slurm_tasks.isdigit() and int(slurm_tasks) > 1)
+            or len(tpu_hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS")):
+        return {"auto": True, "cpu_collectives": collectives}
+    return None
+
+
+def initialize_distributed(environ: Mapping[str, str] | None = None) -> dict | None:
+    """Join this process to the others of its run (see `distributed_settings`); a no-op for a
+    single process and when already initialised. Call it before any JAX computation."""
+    settings = distributed_settings(os.environ if environ is None else environ)
+    if settings is None or jax.distributed.is_initialized():
+        return settings
+    if settings["cpu_collectives"]:
+        jax.config.update("jax_cpu_collectives_implementation", settings["cpu_collectives"])
+    if settings.get("auto"):
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(
+            coordinator_address=settings["coordinator_address"], num_processes=settings["num_processes"],
+            process_id=settings["process_id"],
+        )
+    return settings
+
+
+def is_primary() -> bool:
+    """True in the process that writes the run's files and logs (process 0)."""
+    return jax.process_index() == 0
+
+
+def to_host(value: jax.Array) -> np.ndarray:
+    """The whole of `value` as a NumPy array in every process (a collective when other
+    processes hold parts of it: every process must call it, in the same order)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(value)
+
+
+_exchanges = itertools.count()
+
+
+def on_primary(name: str, action: Callable[[], T], others: Callable[[], None] | None = None,
+               timeout_s: float = 7 * 24 * 3600) -> T | None:
+    """Run `action` in the primary process and `others` (if any) in the rest; the rest return
+    only once the primary's action finished.
+
+    Returns the action's result in the primary, None elsewhere. A failure in the primary is
+    raised in every process (a RecRankerError in the others), so none waits forever. The wait
+    uses the distributed runtime's key-value store, not a device collective, so it may last as
+    long as the action does. Every process must make the same sequence of calls.
+    """
+    if jax.process_count() == 1:
+        return action()
+    # The runtime's key-value store (no public API yet; Orbax uses it the same way).
+    from jax._src.distributed import global_state
+
+    client = global_state.client
+    key = f"recranker/{next(_exchanges)}/{name}"
+    if not is_primary():
+        if others is not None:
+            others()
+        status = client.blocking_key_value_get(key, int(timeout_s * 1000))
+        if status != "ok":
+            raise RecRankerError(f"process 0 failed in {name}: {status}")
+        return None
+    try:
+        result = action()
+    except RecRankerError as err:
+        client.key_value_set(key, " ".join(str(err).split()))
+        raise
+    except BaseException as err:
+        client.key_value_set(key, f"{type(err).__name__} (see the log of process 0)")
+        raise
+    client.key_value_set(key, "ok")
+    return result
+
+
+def broadcast_text(name: str, text: str | None) -> str:
+    """The primary's `text` in every process (the others pass None); no device collective."""
+    if jax.process_count() == 1:
+        return text or ""
+    from jax._src.distributed import global_state
+
+    client = global_state.client
+    key = f"recranker/{next(_exchanges)}/{name}"
+    if is_primary():
+        client.key_value_set(key, text or "")
+        return text or ""
+    return client.blocking_key_value_get(key, 3600 * 1000)
+
+
+def array_sharding(mesh: Mesh, shape: Sequence[int], logical_axes: Sequence[str | None], rules: dict[str, list[str]]) -> NamedSharding:
+    """The sharding of an array of `shape` by its logical axes, leaving a dimension unsharded
+    along mesh axes that do not divide it (e.g. a vocabulary of 32,001 over 2 tensor shards)."""
+    entries = []
+    for size, entry in zip(shape, logical_spec(logical_axes, rules)):
+        axes = [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
+        kept: list[str] = []
+        for axis in axes:
+            if size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
+                kept.append(axis)
+        entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    while entries and entries[-1] is None:  # P(None,) and P() are one sharding; jit sees the short form
+        entries.pop()
+    return NamedSharding(mesh, PartitionSpec(*entries))
+
+
+def place(value, sharding: NamedSharding) -> jax.Array:
+    """`value` (the same on every process) in `sharding`; across processes each process copies
+    only its own devices' blocks, with no cross-process check of the whole array."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

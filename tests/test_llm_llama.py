@@ -61,7 +61,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(RecRankerError, match="model_type 'mistral' is not supported"):
         load_hf_llama(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
-    with pytest.raises(RecRankerError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \[48, 112\], expected \[48, 100\]"):
+    with pytest.raises(RecRankerError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \[112, 48\], expected \[100, 48\]"):
         load_hf_llama(tmp_path)
 
 
@@ -110,3 +110,95 @@ def test_exported_folder_loads_in_transformers_with_equal_logits(tmp_path, tie):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), want, atol=1e-4, rtol=1e-4)
     round_trip = load_hf_llama(tmp_path / "out")
     np.testing.assert_array_equal(np.asarray(round_trip(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))))
+
+
+def test_import_onto_a_mesh_places_each_tensor_in_its_sharding(tmp_path):
+    import jax
+
+    from recranker_jax.config import MeshConfig
+    from recranker_jax.parallel import logical_spec, make_mesh
+
+    save_tiny_llama(tmp_path)
+    mesh_cfg = MeshConfig(shape=[2, 2, 2])
+    mesh = make_mesh(mesh_cfg)
+    sharded = load_hf_llama(tmp_path, mesh=mesh, rules=mesh_cfg.rules)
+    plain = load_hf_llama(tmp_path)
+    q = sharded.layers[1].self_attn.q_proj.kernel.get_value()
+    assert q.sharding.spec == logical_spec(("embed", "heads"), mesh_cfg.rules)
+    # A vocabulary of 97 does not split over 2 tensor shards: that dimension stays whole.
+    assert tuple(sharded.embed_tokens.embedding.get_value().sharding.spec) == (None, "fsdp")
+    # Each device holds only its block: [48 / fsdp 2, 48 / tensor 2].
+    assert {shard.data.shape for shard in q.addressable_shards} == {(24, 24)}
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(plain.layers[1].self_attn.q_proj.kernel.get_value()))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 9)))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda t: sharded(t))(tokens)), np.asarray(plain(tokens)), atol=1e-5)
+
+
+def test_bfloat16_parameters_and_compute_stay_close_to_float32(tmp_path):
+    reference = save_tiny_llama(tmp_path)
+    model = load_hf_llama(tmp_path, dtype="bfloat16", param_dtype="bfloat16")
+    assert model.layers[0].mlp.up_proj.kernel.get_value().dtype == jnp.bfloat16
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 17))
+    got = model(jnp.asarray(tokens))
+    assert got.dtype == jnp.bfloat16
+    with torch.no_grad():
+        want = reference(torch.from_numpy(tokens)).logits.numpy()
+    got = np.asarray(got.astype(jnp.float32))
+    # bfloat16 keeps 8 bits of mantissa: logits within a few percent of their spread.
+    assert np.abs(got - want).max() < 0.05 * (want.max() - want.min())
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.8
+
+
+def test_remat_gives_the_same_gradients(tmp_path):
+    from flax import nnx
+
+    from recranker_jax.llm.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 12)))
+
+    def grads(remat):
+        model = Llama(cfg, nnx.Rngs(3), remat=remat)
+        loss = lambda m: jnp.mean(m(tokens) ** 2)  # noqa: E731
+        return nnx.state(nnx.grad(loss)(model), nnx.Param)
+
+    import jax
+
+    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_padded_cache_batches_give_each_rows_own_logits(tmp_path):
+    """Left-padded prefixes of different lengths and right-padded continuations in one cached
+    batch: every real token's logits equal running that row alone, unpadded."""
+    from recranker_jax.llm.llama import KVCache
+
+    save_tiny_llama(tmp_path)
+    model = load_hf_llama(tmp_path)
+    rng = np.random.default_rng(6)
+    prefixes = [rng.integers(1, 97, n) for n in (5, 9)]
+    suffixes = [rng.integers(1, 97, n) for n in (4, 2)]
+    width, tail = 9, 4
+    tokens = np.zeros((2, width), np.int32)
+    valid = np.zeros((2, width + tail), bool)
+    positions = np.zeros((2, width), np.int32)
+    for row, prefix in enumerate(prefixes):
+        pad = width - len(prefix)
+        tokens[row, pad:] = prefix
+        valid[row, pad:width] = True
+        positions[row, pad:] = np.arange(len(prefix))
+    cache = KVCache.zeros(model.config, 2, width + tail)
+    prefix_logits, cache = model.extend(jnp.asarray(tokens), cache, 0, jnp.asarray(positions), jnp.asarray(valid))
+    cont = np.zeros((2, tail), np.int32)
+    cont_positions = np.zeros((2, tail), np.int32)
+    for row, suffix in enumerate(suffixes):
+        cont[row, : len(suffix)] = suffix
+        valid[row, width : width + len(suffix)] = True
+        cont_positions[row] = len(prefixes[row]) + np.arange(tail)
+    logits, _ = model.extend(jnp.asarray(cont), cache, width, jnp.asarray(cont_positions), jnp.asarray(valid))
+    for row in range(2):
+        alone = np.asarray(model(jnp.asarray(np.concatenate([prefixes[row], suffixes[row]]))[None]))[0]
+        n = len(prefixes[row])
+        np.testing.assert_allclose(np.asarray(prefix_logits)[row, width - n :], alone[:n], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(logits)[row, : len(suffixes[row])], alone[n:], atol=1e-5)

@@ -71,24 +71,41 @@ def test_unknown_source_and_out_is_a_file(tmp_path, capsys):
     assert "expected a folder, found a file" in capsys.readouterr().err
 
 
-def test_quickstart_runs_every_available_stage_then_reuses_them(tmp_path, capsys):
+def test_quickstart_runs_every_stage_resumes_after_a_crash_then_reuses_them(tmp_path, capsys, monkeypatch):
+    import recranker_jax.rank.stage as rank_stage
+
     fast = [f"run.root={tmp_path}", "retrieval.epochs=2", "retrieval.eval_every=1", "retrieval.dim=8",
             "retrieval.models=[lightgcn, explicit_mf]", "retrieval.explicit_mf.epochs=1", "retrieval.explicit_mf.eval_every=1",
             "sampling.size=50", "prompts.tokenizer_vocab_size=600", "train.steps=2", "train.batch_size=8",
-            "model.hidden_size=16", "model.intermediate_size=32"]
-    assert main(["quickstart", *fast]) == 0
-    out = capsys.readouterr().out
+            "model.hidden_size=16", "model.intermediate_size=32", "rank.splits=[test]", "rank.bootstrap=20"]
+    build_ranking = rank_stage.build_ranking
+
+    def crash(*args, **kwargs):
+        raise RecRankerError("simulated crash in the rank stage")
+
+    monkeypatch.setattr(rank_stage, "build_ranking", crash)
+    assert main(["quickstart", *fast]) == 2
+    out, err = capsys.readouterr()
     assert "[data] done" in out and "users_kept          664" in out
-    assert "[retrieval] done" in out and "[instructions] done" in out
-    assert "[finetune] done" in out and "[rank] not yet available" in out
+    assert "[retrieval] done" in out and "[instructions] done" in out and "[finetune] done" in out
+    assert err.endswith("error: simulated crash in the rank stage\n")  # after the progress bars
     run = tmp_path / "quickstart"
-    assert (run / "config.yaml").is_file() and (run / "instructions" / "train.jsonl").is_file()
-    marker = (run / "retrieval" / "_stage.json").read_text()
-    assert main(["quickstart", *fast]) == 0
+    assert (run / "finetune" / "model" / "model.safetensors").is_file() and not (run / "ranking").exists()
+    marker = (run / "finetune" / "_stage.json").read_text()
+
+    monkeypatch.setattr(rank_stage, "build_ranking", build_ranking)
+    assert main(["quickstart", *fast]) == 0  # resumes: the finished stages are reused
     out = capsys.readouterr().out
     assert "[data] cached" in out and "[retrieval] cached" in out and "[instructions] cached" in out
-    assert "[finetune] cached" in out
-    assert (run / "retrieval" / "_stage.json").read_text() == marker
+    assert "[finetune] cached" in out and "[rank] done" in out and "hybrid" in out
+    assert (run / "finetune" / "_stage.json").read_text() == marker
+    report = (run / "report.md").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    hr3 = metrics["splits"]["test"]["methods"]["backbone"]["metrics"]["hr@3"]
+    assert f"{hr3:.4f}" in report
+    assert (run / "plots" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["quickstart", *fast]) == 0
+    assert "[rank] cached" in capsys.readouterr().out
 
 
 def test_a_filter_that_leaves_no_users_is_exit_code_2(tmp_path, capsys):

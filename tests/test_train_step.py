@@ -136,3 +136,29 @@ def test_sigterm_stops_after_the_step_and_leaves_a_checkpoint(tmp_path):
                  save_every=100, log=preempt, progress=False)
     assert [entry.step for entry in logs] == [1, 2] and reached == 2
     assert ocp.CheckpointManager(tmp_path.resolve()).latest_step() == 2
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    from recranker_jax.train.loop import train
+
+    rows = pack(examples(60, seed=4), 32)
+
+    def fresh():
+        model = Llama(CFG, nnx.Rngs(1))
+        return model, nnx.Optimizer(model, make_optimizer(5e-3, 2, 6), wrt=nnx.Param)
+
+    model, optimizer = fresh()
+    straight, _ = train(model, optimizer, rows, batch_size=4, steps=6, seed=0, progress=False)
+    model_a, optimizer_a = fresh()
+    train(model_a, optimizer_a, rows, batch_size=4, steps=4, seed=0, checkpoint_dir=tmp_path, save_every=2, progress=False)
+    # A crash while writing step 4: its array data is garbage.
+    damaged = [p for p in (tmp_path / "4").rglob("*") if p.is_file() and p.stat().st_size > 0]
+    for path in damaged:
+        path.write_bytes(b"\0" * 7)
+    model_b, optimizer_b = fresh()
+    with caplog.at_level("WARNING"):
+        resumed, _ = train(model_b, optimizer_b, rows, batch_size=4, steps=6, seed=0, checkpoint_dir=tmp_path,
+                           save_every=2, progress=False)
+    assert "checkpoint step 4" in caplog.text and "falling back" in caplog.text
+    assert [s.step for s in resumed] == [3, 4, 5, 6]  # from step 2, the one before
+    np.testing.assert_allclose([s.loss for s in resumed], [s.loss for s in straight[2:]], rtol=1e-6)

@@ -2,7 +2,8 @@
 that transformers' `LlamaForCausalLM.from_pretrained` loads with the same logits.
 
 LoRA adapters must be merged first (`recranker_jax.llm.lora.merge_lora`); the
-adapter alone goes out in PEFT format from there.
+adapter alone goes out in PEFT format from there. Works on weights sharded across
+processes: every process takes part in the gather, the primary writes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from safetensors.numpy import save_file
 
 from recranker_jax.llm.hf_import import hf_parameter_names
 from recranker_jax.llm.llama import Llama
+from recranker_jax.parallel import is_primary, to_host
 
 
 def hf_config(model: Llama) -> dict:
@@ -37,14 +39,22 @@ def hf_config(model: Llama) -> dict:
 
 
 def export_hf(model: Llama, folder: str | Path) -> Path:
-    """Write config.json and model.safetensors (float32, Hugging Face names and [out, in] layout)."""
+    """Write config.json and model.safetensors (float32, Hugging Face names and [out, in] layout).
+
+    With several processes, every process must call it (weights split across processes are
+    gathered one at a time); only the primary process writes the folder.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    primary = is_primary()
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors = {}
     for hf_name, (path, transpose) in hf_parameter_names(model.config).items():
-        array = np.asarray(flat[path].get_value(), dtype=np.float32)
-        tensors[hf_name] = np.ascontiguousarray(array.T if transpose else array)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf_config(model), indent=2) + "\n")
+        array = to_host(flat[path].get_value())
+        if primary:
+            array = array.astype(np.float32)
+            tensors[hf_name] = np.ascontiguousarray(array.T if transpose else array)
+    if primary:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(hf_config(model), indent=2) + "\n")
     return folder

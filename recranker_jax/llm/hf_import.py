@@ -1,21 +1,26 @@
 """Import a local Hugging Face LLaMA folder (config.json + safetensors shards) into the NNX model.
 
 No hub access: the folder must hold the files. Each tensor is checked against
-the model's shape and written into its parameter (transposed to [in, out]).
+the model's shape and written into its parameter (transposed to [in, out]),
+straight into its sharding when a mesh is given.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import safe_open
 
 from recranker_jax.errors import RecRankerError
-from recranker_jax.llm.llama import Llama, LlamaConfig
+from recranker_jax.llm.llama import Llama, LlamaConfig, weight_axes
+from recranker_jax.parallel import array_sharding
 
 
 def read_config(folder: Path) -> LlamaConfig:
@@ -58,27 +63,53 @@ def hf_parameter_names(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
     return names
 
 
-def load_hf_llama(folder: str | Path, dtype: jnp.dtype = jnp.float32) -> Llama:
-    """The NNX model with the folder's weights."""
+def load_hf_llama(
+    folder: str | Path, dtype: str = "float32", param_dtype: str = "float32", remat: bool = False,
+    mesh: Mesh | None = None, rules: dict[str, list[str]] | None = None,
+) -> Llama:
+    """The NNX model with the folder's weights.
+
+    With a mesh, every parameter is created directly in its sharding (the config's logical
+    axis rules): each device reads only its own slice of the memory-mapped safetensors, so
+    no process ever holds a full copy per device.
+    """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise RecRankerError(f"checkpoint folder {folder} not found")
     cfg = read_config(folder)
-    model = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    flat = dict(nnx.to_flat_state(state))
+    model = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0), dtype, param_dtype, remat))
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     files = _tensor_files(folder)
-    for hf_name, (path, transpose) in hf_parameter_names(cfg).items():
-        if hf_name not in files:
-            raise RecRankerError(f"{folder}: tensor {hf_name} is missing from the checkpoint")
-        with safe_open(files[hf_name], framework="numpy") as handle:
-            tensor = handle.get_tensor(hf_name)
-        tensor = tensor.T if transpose else tensor
-        expected = flat[path].shape
-        if tensor.shape != tuple(expected):
-            raise RecRankerError(
-                f"{files[hf_name]}: tensor {hf_name} has shape {list(tensor.shape)}, expected {list(expected)} from config.json"
-            )
-        flat[path].set_value(jnp.asarray(np.asarray(tensor, np.float32), dtype))
+    handles: dict[Path, object] = {}
+    with ExitStack() as stack:
+        for hf_name, (path, transpose) in hf_parameter_names(cfg).items():
+            if hf_name not in files:
+                raise RecRankerError(f"{folder}: tensor {hf_name} is missing from the checkpoint")
+            shard = files[hf_name]
+            if shard not in handles:
+                if not shard.is_file():
+                    raise RecRankerError(f"{shard} not found (listed in {folder / 'model.safetensors.index.json'})")
+                handles[shard] = stack.enter_context(safe_open(shard, framework="numpy"))
+            tensor = handles[shard].get_slice(hf_name)
+            stored = tuple(tensor.get_shape())
+            expected = tuple(flat[path].shape)
+            if (stored[::-1] if transpose else stored) != expected:
+                raise RecRankerError(
+                    f"{shard}: tensor {hf_name} has shape {list(stored)}, expected "
+                    f"{list(expected[::-1] if transpose else expected)} from config.json"
+                )
+            target = flat[path].dtype
+
+            def read(index, tensor=tensor, transpose=transpose, target=target):
+                index = tuple(index) + (slice(None),) * (len(expected) - len(index))
+                block = tensor[index[::-1]].T if transpose else tensor[index]
+                return np.asarray(block).astype(target)
+
+            if mesh is None:
+                value = jnp.asarray(read((slice(None),) * len(expected)))
+            else:
+                sharding = array_sharding(mesh, expected, weight_axes(path, len(expected)), rules or {})
+                value = jax.make_array_from_callback(expected, sharding, read)
+            flat[path].set_value(value)
     nnx.update(model, nnx.from_flat_state(flat))
     return model

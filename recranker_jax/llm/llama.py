@@ -4,7 +4,11 @@ Token embedding, RMSNorm, rotary embeddings in the Hugging Face convention
 (rotate-half, `rope_theta`), grouped-query attention, SwiGLU MLP, tied or
 untied output head, and a KV cache (`Llama.extend`) for decoding and for
 reusing a shared prompt prefix across a batch of continuations. Weights are
-stored [in, out] (Hugging Face stores [out, in]).
+stored [in, out] (Hugging Face stores [out, in]) and carry logical axis names
+(`WEIGHT_AXES`) that the config's rules map onto the mesh. Parameters and
+computation each take float32 or bfloat16 (norms, softmax and rotary angles
+stay float32); `remat=True` recomputes each layer's activations in the
+backward pass instead of storing them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,31 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recranker_jax.errors import RecRankerError
+
+
+# Logical axes of each weight, by the name of the module holding it (norms and adapters: replicated).
+WEIGHT_AXES = {
+    "embed_tokens": ("vocab", "embed"),
+    "q_proj": ("embed", "heads"),
+    "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("heads", "embed"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+    "lm_head": ("embed", "vocab"),
+}
+
+
+def weight_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of the parameter at `path` (replicated when unknown, e.g. norms, adapters)."""
+    for part in reversed(path):
+        if isinstance(part, str) and part in WEIGHT_AXES and ndim == 2 and path[-1] in ("kernel", "embedding"):
+            return WEIGHT_AXES[part]
+    return (None,) * ndim
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +91,14 @@ class LlamaConfig:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, size: int, eps: float):
-        self.weight = nnx.Param(jnp.ones((size,), jnp.float32))
+    def __init__(self, size: int, eps: float, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((size,), param_dtype))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * normed.astype(x.dtype)
+        return (self.weight[...].astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -83,16 +112,24 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return (x * cos + rotated * sin).astype(x.dtype)
 
 
-def _linear(in_size: int, out_size: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_size, out_size, use_bias=False, rngs=rngs,
-                      kernel_init=jax.nn.initializers.normal(0.02))
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Parameter and compute dtypes."""
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+
+def _linear(in_size: int, out_size: int, rngs: nnx.Rngs, precision: Precision) -> nnx.Linear:
+    return nnx.Linear(in_size, out_size, use_bias=False, rngs=rngs, dtype=precision.dtype,
+                      param_dtype=precision.param_dtype, kernel_init=jax.nn.initializers.normal(0.02))
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, precision: Precision):
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-        self.q_proj, self.k_proj = _linear(d, h * hd, rngs), _linear(d, kv * hd, rngs)
-        self.v_proj, self.o_proj = _linear(d, kv * hd, rngs), _linear(h * hd, d, rngs)
+        self.q_proj, self.k_proj = _linear(d, h * hd, rngs, precision), _linear(d, kv * hd, rngs, precision)
+        self.v_proj, self.o_proj = _linear(d, kv * hd, rngs, precision), _linear(h * hd, d, rngs, precision)
         self.heads, self.kv_heads, self.head_size, self.theta = h, kv, hd, cfg.rope_theta
 
     def __call__(
@@ -110,7 +147,7 @@ class Attention(nnx.Module):
             cache = LayerCache(k, v)
         groups = self.heads // self.kv_heads
         q = q.reshape(batch, length, self.kv_heads, groups, self.head_size)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / jnp.sqrt(self.head_size)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k.astype(q.dtype)).astype(jnp.float32) / jnp.sqrt(self.head_size)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(batch, length, self.heads * self.head_size)
@@ -118,21 +155,21 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, rngs)
-        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, rngs)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, rngs)
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, precision: Precision):
+        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, rngs, precision)
+        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, rngs, precision)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, rngs, precision)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, rngs)
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, precision: Precision):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, precision.param_dtype)
+        self.self_attn = Attention(cfg, rngs, precision)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, precision.param_dtype)
+        self.mlp = MLP(cfg, rngs, precision)
 
     def __call__(self, x, positions, mask, cache: LayerCache | None = None, start: jax.Array | int = 0):
         attended, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, start)
@@ -140,16 +177,27 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-class Llama(nnx.Module):
-    """Causal LM: tokens [B, T] -> logits [B, T, V]."""
+def _block(layer: Block, x, positions, mask):
+    return layer(x, positions, mask)[0]
 
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+
+_remat_block = nnx.remat(_block)
+
+
+class Llama(nnx.Module):
+    """Causal LM: tokens [B, T] -> logits [B, T, V] (in the compute dtype)."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, dtype: str = "float32", param_dtype: str = "float32",
+                 remat: bool = False):
         self.config = cfg
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
+        precision = Precision(DTYPES[dtype], DTYPES[param_dtype])
+        self.dtype, self.remat = precision.dtype, remat
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=precision.dtype,
+                                      param_dtype=precision.param_dtype,
                                       embedding_init=jax.nn.initializers.normal(0.02))
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, rngs)
+        self.layers = nnx.List([Block(cfg, rngs, precision) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, precision.param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, rngs, precision)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
         """segment_ids [B, T] (optional): packed sequences attend only within their segment."""
@@ -161,7 +209,7 @@ class Llama(nnx.Module):
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x, _ = layer(x, positions, mask)
+            x = _remat_block(layer, x, positions, mask) if self.remat else layer(x, positions, mask)[0]
         return self.head(x)
 
     def head(self, x: jax.Array) -> jax.Array:
@@ -170,14 +218,27 @@ class Llama(nnx.Module):
             return self.embed_tokens.attend(x)
         return self.lm_head(x)
 
-    def extend(self, tokens: jax.Array, cache: KVCache, start: jax.Array | int) -> tuple[jax.Array, KVCache]:
-        """Logits of `tokens` [B, T] placed at positions start..start+T-1 after what `cache`
-        holds, and the cache with their keys and values added. A prompt prefix run once can
-        be broadcast to a batch of continuations (`KVCache.repeat`)."""
+    def extend(
+        self, tokens: jax.Array, cache: KVCache, start: jax.Array | int,
+        positions: jax.Array | None = None, key_valid: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits of `tokens` [B, T] written into cache slots start..start+T-1, and the cache
+        with their keys and values added. A prompt prefix run once can be broadcast to a
+        batch of continuations (`KVCache.repeat` or a row gather).
+
+        By default the rotary positions are the slots and every earlier slot is attended.
+        Padded batches pass `positions` [B, T] (each row's own token positions) and
+        `key_valid` [B, S_max] (the slots holding real tokens, these included): a query
+        attends to valid slots at or before its own, so padding anywhere is ignored.
+        """
         batch, length = tokens.shape
-        positions = start + jnp.broadcast_to(jnp.arange(length), (batch, length))
-        key_positions = jnp.arange(cache.max_length)
-        mask = key_positions[None, None, :] <= positions[:, :, None]
+        slots = start + jnp.arange(length)
+        if positions is None:
+            positions = jnp.broadcast_to(slots, (batch, length))
+        key_slots = jnp.arange(cache.max_length)
+        mask = key_slots[None, None, :] <= slots[None, :, None]
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, :]
         x = self.embed_tokens(tokens)
         layers = []
         for layer, layer_cache in zip(self.layers, cache.layers):
@@ -203,13 +264,17 @@ class KVCache:
         return self.layers[0].keys.shape[1]
 
     @classmethod
-    def zeros(cls, cfg: LlamaConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+    def zeros(cls, cfg: LlamaConfig, batch: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
         shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_size)
         return cls([LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)])
 
     def repeat(self, batch: int) -> KVCache:
         """A batch-1 cache (a shared prefix) copied for `batch` continuations."""
         return jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), self)
+
+    def take(self, rows: jax.Array) -> KVCache:
+        """The caches of batch rows `rows` (a row may be taken several times)."""
+        return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), self)
 
 
 @nnx.jit
@@ -220,7 +285,7 @@ def _extend(model: Llama, tokens: jax.Array, cache: KVCache, start: jax.Array) -
 def greedy_generate(model: Llama, prompt: jax.Array, steps: int) -> jax.Array:
     """Greedy continuation [B, steps] of prompt [B, T], one jitted cached step per token."""
     batch, length = prompt.shape
-    cache = KVCache.zeros(model.config, batch, length + steps)
+    cache = KVCache.zeros(model.config, batch, length + steps, model.dtype)
     logits, cache = _extend(model, prompt, cache, jnp.asarray(0))
     generated = [jnp.argmax(logits[:, -1], axis=-1)]
     for step in range(1, steps):

@@ -3,12 +3,15 @@ that make an interrupted run (preemption, SIGTERM, a crash) resume to the same r
 
 Batch b of the run is a fixed function of (seed, b), so a resumed run sees exactly the
 batches the uninterrupted run would have. A checkpoint is written every `save_every`
-steps, on SIGTERM, and at the end; the last few are kept.
+steps, on SIGTERM, and at the end; the last few are kept. A latest checkpoint that cannot be
+restored (corrupt, or cut short by a crash) is skipped with a warning for the one before it.
+Each step logs its loss, tokens/s and, where the device's peak is known, the MFU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -18,18 +21,49 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from recranker_jax.errors import RecRankerError
 from recranker_jax.train.packing import PackedRows
 from recranker_jax.train.step import place_batch, train_step
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class StepLog:
     step: int
     loss: float
-    tokens_per_second: float
+    tokens_per_second: float  # answer and prompt tokens, padding excluded
+    learning_rate: float | None = None
+    mfu: float | None = None  # model FLOPs (padding included) / the devices' peak
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: dict) -> tuple[int, dict | None]:
+    """(step, state) of the newest checkpoint that restores (newer, unreadable ones are deleted);
+    (0, None) when there is none."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    failed: list[int] = []
+    for step in steps:
+        try:
+            state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as err:  # noqa: BLE001 - any failure to read it means: use the one before
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            logger.warning("checkpoint step %d in %s cannot be restored (%s); falling back to the previous one",
+                           step, manager.directory, first[:200])
+            failed.append(step)
+            continue
+        for bad in failed:  # training goes on from `step` and will write these steps again
+            manager.delete(bad)
+        return step, state
+    if steps:
+        raise RecRankerError(f"{manager.directory}: none of the checkpoints {steps} can be restored; "
+                             "delete the folder to start this training again")
+    return 0, None
 
 
 def batch_rows(n_rows: int, batch_size: int, seed: int, batch_index: int) -> np.ndarray:
@@ -55,11 +89,16 @@ def train(
     rules: dict[str, list[str]] | None = None,
     log: Callable[[StepLog], None] | None = None,
     progress: bool = True,
+    flops_per_token: float | None = None,
+    peak_flops: float | None = None,
+    schedule: Callable[[int], float] | None = None,
 ) -> tuple[list[StepLog], int]:
     """Run optimizer steps up to `steps` (continuing from the latest checkpoint if there is one).
 
     Returns this call's step logs and the step reached: less than `steps` when a SIGTERM
-    stopped the run (its checkpoint is saved; calling again resumes).
+    stopped the run (its checkpoint is saved; calling again resumes). `flops_per_token` (of
+    the model, for training) and `peak_flops` (of all devices together) give the MFU;
+    `schedule` (step -> learning rate) adds the learning rate to the logs.
     """
     manager = None
     start = 0
@@ -67,11 +106,8 @@ def train(
         manager = ocp.CheckpointManager(
             Path(checkpoint_dir).resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=keep)
         )
-        if manager.latest_step() is not None:
-            start = manager.latest_step()
-            target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-            restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        start, restored = restore_latest(manager, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
+        if restored is not None:
             nnx.update(model, restored["model"])
             nnx.update(optimizer, restored["optimizer"])
 
@@ -83,11 +119,18 @@ def train(
     stop = {"requested": False}
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    def stop_agreed() -> bool:
+        """Across processes, stop when any one was asked to (a pod's SIGTERMs arrive at different
+        steps, and every process must reach the same collective checkpoint)."""
+        if jax.process_count() == 1:
+            return stop["requested"]
+        return bool(multihost_utils.process_allgather(np.int32(stop["requested"])).max())
+
     logs: list[StepLog] = []
     bar = tqdm(total=steps, initial=start, desc="finetune", disable=not progress, leave=False)
     step = start
     try:
-        while step < steps and not stop["requested"]:
+        while step < steps and not stop_agreed():
             index = batch_rows(len(rows), batch_size, seed, step)
             batch = place_batch({"tokens": rows.tokens[index], "loss_mask": rows.loss_mask[index],
                                  "segment_ids": rows.segment_ids[index], "positions": rows.positions[index]},
@@ -96,12 +139,17 @@ def train(
             loss = float(train_step(model, optimizer, batch))
             seconds = time.perf_counter() - started
             step += 1
-            entry = StepLog(step, loss, float((rows.segment_ids[index] > 0).sum()) / seconds)
+            mfu = None
+            if flops_per_token and peak_flops:
+                mfu = rows.tokens[index].size / seconds * flops_per_token / peak_flops
+            entry = StepLog(step, loss, float((rows.segment_ids[index] > 0).sum()) / seconds,
+                            float(schedule(step - 1)) if schedule else None, mfu)
             logs.append(entry)
             if log is not None:
                 log(entry)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{entry.tokens_per_second:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{entry.tokens_per_second:.0f}",
+                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
             if step % save_every == 0:
                 save(step)
         save(step)  # the end of the run, or the SIGTERM checkpoint

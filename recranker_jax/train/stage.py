@@ -6,10 +6,15 @@ Outputs: model/ (a Hugging Face folder: config.json, model.safetensors and the t
 LoRA merged in), adapter/ (the LoRA adapter in PEFT format, when LoRA is on) and
 train_log.jsonl (step, loss, tokens/s). Training checkpoints live in
 runs/<name>/checkpoints/finetune-<key>/ so an interrupted stage resumes.
+
+With several processes (recranker_jax.parallel), every process runs `build_finetune` (the
+mesh spans all of them); only the primary process writes the log, model, adapter and summary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,11 +27,11 @@ from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.hf_export import export_hf
 from recranker_jax.llm.hf_import import load_hf_llama
 from recranker_jax.llm.llama import Llama, LlamaConfig
-from recranker_jax.parallel import axis_size, make_mesh
+from recranker_jax.parallel import axis_size, is_primary, make_mesh
 from recranker_jax.prompts.tokenizer import encode_example, load_tokenizer
 from recranker_jax.train.loop import train
 from recranker_jax.train.packing import pack
-from recranker_jax.train.step import make_optimizer, shard_model
+from recranker_jax.train.step import learning_rate_schedule, make_optimizer, shard_model, shard_optimizer
 
 
 def tokenizer_folder(cfg: Config, instructions_dir: Path) -> Path:
@@ -46,23 +51,35 @@ def check_config(cfg: Config) -> None:
         )
 
 
-def build_model(cfg: Config, vocab_size: int) -> Llama:
-    if cfg.model.checkpoint:
-        model = load_hf_llama(cfg.model.checkpoint)
+def build_model(cfg: Config, vocab_size: int, mesh=None) -> Llama:
+    """The ranker LLM: the checkpoint's weights placed on the mesh, or a fresh model."""
+    m = cfg.model
+    if m.checkpoint:
+        model = load_hf_llama(m.checkpoint, m.dtype, m.param_dtype, cfg.train.remat, mesh, cfg.mesh.rules)
         if model.config.vocab_size < vocab_size:
             raise RecRankerError(
-                f"{cfg.model.checkpoint}: the model has {model.config.vocab_size} token embeddings but the "
+                f"{m.checkpoint}: the model has {model.config.vocab_size} token embeddings but the "
                 f"tokenizer has {vocab_size} tokens"
             )
         return model
-    m = cfg.model
     llama = LlamaConfig(
         vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_key_value_heads, rope_theta=m.rope_theta,
         max_position_embeddings=cfg.train.seq_len, tie_word_embeddings=m.tie_word_embeddings,
     )
-    return Llama(llama, nnx.Rngs(cfg.run.seed))
+    return Llama(llama, nnx.Rngs(cfg.run.seed), m.dtype, m.param_dtype, cfg.train.remat)
+
+
+def throughput_model(cfg: Config, model: Llama, mesh) -> dict:
+    """Training FLOPs per token and the mesh's peak FLOP/s (None off the known accelerators), for MFU."""
+    from recranker_jax.bench.hardware import llama_flops_per_token, peak_flops
+
+    lora_parameters = int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
+    trainable = "lora" if cfg.train.lora.enabled else "full"
+    peak = peak_flops(mesh.devices.flat[0], cfg.model.dtype)
+    return {"flops_per_token": llama_flops_per_token(model.config, cfg.train.seq_len, trainable, lora_parameters),
+            "peak_flops": peak * mesh.devices.size if peak else None}
 
 
 def build_finetune(cfg: Config, instructions_dir: Path, out: Path, checkpoint_dir: Path, progress: bool = True) -> dict:
@@ -73,7 +90,13 @@ def build_finetune(cfg: Config, instructions_dir: Path, out: Path, checkpoint_di
         raise RecRankerError(f"{instructions_dir / 'train.jsonl'} has no examples")
     examples = [encode_example(tokenizer, r["prompt"], r["response"]) for r in records]
     rows = pack(examples, cfg.train.seq_len)
-    model = build_model(cfg, len(tokenizer))
+    mesh = make_mesh(cfg.mesh)
+    batch_shards = axis_size(mesh, "batch", cfg.mesh.rules)
+    if cfg.train.batch_size % batch_shards:
+        raise RecRankerError(
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of the {batch_shards} batch shards of the mesh"
+        )
+    model = build_model(cfg, len(tokenizer), mesh)
     lora = cfg.train.lora
     wrt = nnx.Param
     if lora.enabled:
@@ -81,42 +104,43 @@ def build_finetune(cfg: Config, instructions_dir: Path, out: Path, checkpoint_di
 
         apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, nnx.Rngs(cfg.run.seed + 1))
         wrt = nnx.LoRAParam
-    mesh = make_mesh(cfg.mesh)
-    batch_shards = axis_size(mesh, "batch", cfg.mesh.rules)
-    if cfg.train.batch_size % batch_shards:
-        raise RecRankerError(
-            f"train.batch_size={cfg.train.batch_size} must be a multiple of the {batch_shards} batch shards of the mesh"
-        )
     shard_model(model, mesh, cfg.mesh.rules)
     t = cfg.train
     optimizer = nnx.Optimizer(
         model, make_optimizer(t.lr, t.warmup_steps, t.steps, t.weight_decay, t.clip_norm, t.accumulation), wrt=wrt
     )
-    log_path = out / "train_log.jsonl"
-    with open(log_path, "w") as handle:
+    shard_optimizer(optimizer, mesh)
+    primary = is_primary()  # with several processes all train and export; only process 0 writes files
+    with open(out / "train_log.jsonl", "w") if primary else contextlib.nullcontext() as handle:
         logs, reached = train(
             model, optimizer, rows, batch_size=t.batch_size, steps=t.steps, seed=cfg.run.seed,
             checkpoint_dir=checkpoint_dir, save_every=t.save_every, mesh=mesh, rules=cfg.mesh.rules,
-            log=lambda e: handle.write(json.dumps({"step": e.step, "loss": e.loss, "tokens_per_second": e.tokens_per_second}) + "\n"),
-            progress=progress,
+            log=(lambda e: handle.write(json.dumps(dataclasses.asdict(e)) + "\n"))
+            if primary else None,
+            progress=progress and primary, schedule=learning_rate_schedule(t.lr, t.warmup_steps, t.steps),
+            **throughput_model(cfg, model, mesh),
         )
     if reached < t.steps:
         raise RecRankerError("finetune was interrupted (SIGTERM); run the same command again to resume from its checkpoint")
     if lora.enabled:
         from recranker_jax.llm.lora import export_peft, merge_lora
 
-        export_peft(model, out / "adapter", cfg.model.checkpoint or "recranker-from-scratch",
-                    lora.targets, lora.rank, lora.alpha, lora.dropout)
+        if primary:  # adapters are replicated (llm.llama.weight_axes): process 0 holds them whole
+            export_peft(model, out / "adapter", cfg.model.checkpoint or "recranker-from-scratch",
+                        lora.targets, lora.rank, lora.alpha, lora.dropout)
         model = merge_lora(model)
-    export_hf(model, out / "model")
-    tokenizer.save_pretrained(out / "model")
+    export_hf(model, out / "model")  # a gather every process joins
+    if primary:
+        tokenizer.save_pretrained(out / "model")
     summary = {
         "examples": len(examples), "packed_rows": len(rows), "steps": t.steps,
         "answer_tokens": int(rows.loss_mask.sum()),
         "parameters": int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))),
         "first_loss": logs[0].loss if logs else None, "last_loss": logs[-1].loss if logs else None,
         "median_tokens_per_second": float(np.median([e.tokens_per_second for e in logs[1:]])) if len(logs) > 1 else None,
+        "median_mfu": float(np.median([e.mfu for e in logs[1:]])) if len(logs) > 1 and logs[-1].mfu is not None else None,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if primary:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

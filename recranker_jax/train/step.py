@@ -10,34 +10,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from recranker_jax.llm.llama import Llama
-from recranker_jax.parallel import logical_spec
+from recranker_jax.llm.llama import WEIGHT_AXES, Llama, weight_axes  # noqa: F401 (re-exported)
+from recranker_jax.parallel import array_sharding, logical_spec, place
 
-# Logical axes of each weight, by the name of the module holding it.
-WEIGHT_AXES = {
-    "embed_tokens": ("vocab", "embed"),
-    "q_proj": ("embed", "heads"),
-    "k_proj": ("embed", "kv_heads"),
-    "v_proj": ("embed", "kv_heads"),
-    "o_proj": ("heads", "embed"),
-    "gate_proj": ("embed", "mlp"),
-    "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"),
-    "lm_head": ("embed", "vocab"),
-}
 BATCH_AXES = ("batch", None)
-
-
-def weight_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the parameter at `path` (replicated when unknown, e.g. norms, adapters)."""
-    for part in reversed(path):
-        if isinstance(part, str) and part in WEIGHT_AXES and ndim == 2 and path[-1] in ("kernel", "embedding"):
-            return WEIGHT_AXES[part]
-    return (None,) * ndim
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: dict[str, list[str]]) -> None:
@@ -45,31 +26,53 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: dict[str, list[str]]) -> N
     state = nnx.state(model)
     flat = nnx.to_flat_state(state)
     shardings = {
-        path: NamedSharding(mesh, logical_spec(weight_axes(path, variable.get_value().ndim), rules))
+        path: array_sharding(mesh, variable.get_value().shape, weight_axes(path, variable.get_value().ndim), rules)
         for path, variable in flat
     }
     for path, variable in flat:
-        variable.set_value(jax.device_put(variable.get_value(), shardings[path]))
+        variable.set_value(place(variable.get_value(), shardings[path]))
     nnx.update(model, nnx.from_flat_state(flat))
 
 
+def shard_optimizer(optimizer: nnx.Optimizer, mesh: Mesh) -> None:
+    """Commit optimizer state that is not yet on the mesh (step counters) as replicated, so the
+    jitted step sees the same shardings at every call (one compilation)."""
+    flat = nnx.to_flat_state(nnx.state(optimizer))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    for _, variable in flat:
+        value = variable.get_value()
+        if isinstance(value, jax.Array) and not (isinstance(value.sharding, NamedSharding) and value.sharding.mesh == mesh):
+            variable.set_value(place(value, replicated))
+    nnx.update(optimizer, nnx.from_flat_state(flat))
+
+
 def answer_loss(model: Llama, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(mean cross-entropy over answer tokens, number of answer tokens) for a packed batch."""
+    """(mean cross-entropy over answer tokens, number of answer tokens) for a packed batch.
+
+    nll = logsumexp(logits) - logits[target]: no [B, T, V] log-softmax buffer (measured on
+    the CPU: ~80 MB less peak memory at the quickstart size, and no slower; `bench train`)."""
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
     targets = jnp.roll(batch["tokens"], -1, axis=1)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
     mask = batch["loss_mask"].astype(jnp.float32)
     count = jnp.sum(mask)
     return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count
+
+
+def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine decay to 0 at `total_steps`."""
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1))
 
 
 def make_optimizer(
     lr: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.0, clip_norm: float = 1.0,
     accumulation: int = 1,
 ) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1))
-    tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+    schedule = learning_rate_schedule(lr, warmup_steps, total_steps)
+    # float32 first moments whatever the parameters' dtype (bfloat16 would round small updates away)
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm),
+                     optax.adamw(schedule, weight_decay=weight_decay, mu_dtype=jnp.float32))
     return optax.MultiSteps(tx, every_k_schedule=accumulation) if accumulation > 1 else tx
 
 
@@ -83,7 +86,13 @@ def train_step(model: Llama, optimizer: nnx.Optimizer, batch: dict[str, jax.Arra
 
 
 def place_batch(batch: dict[str, jax.Array], mesh: Mesh | None, rules: dict[str, list[str]]) -> dict[str, jax.Array]:
+    """The global batch (rows along "batch") on `mesh`. When the mesh spans several processes,
+    each process copies only the rows its own devices hold (every process passes the same
+    global batch; nothing is sent between processes)."""
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
     sharding = NamedSharding(mesh, logical_spec(BATCH_AXES, rules))
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    if sharding.is_fully_addressable:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    return {k: jax.make_array_from_callback(np.shape(v), sharding, lambda index, v=v: np.asarray(v[index]))
+            for k, v in batch.items()}

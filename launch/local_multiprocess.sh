@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Start one recranker command as N cooperating processes on this machine, the way a TPU pod
+# or a Slurm job would, for testing multi-host code paths on CPU:
+#
+#   launch/local_multiprocess.sh [--dry-run] [-n N] [--port P] [--devices-per-process D]
+#                                [--logs DIR] -- recranker finetune --config X key=value ...
+#
+# Process i gets RECRANKER_COORDINATOR=127.0.0.1:P, RECRANKER_NUM_PROCESSES=N,
+# RECRANKER_PROCESS_ID=i (read by recranker_jax.parallel.initialize_distributed; CPU
+# collectives default to gloo) and XLA_FLAGS for D host CPU devices, and logs to
+# DIR/process-<i>.log (default runs/logs/local-<timestamp>/). The script waits for all of
+# them; when one fails it stops the others and exits with that process's exit code.
+# A SIGINT/SIGTERM to the script is passed on to every process (the trainer checkpoints on
+# SIGTERM; run the same command again to resume).
+# --dry-run prints each process's command line with its environment and exits 0.
+# Defaults: N=2, a free port, D=1.
+set -euo pipefail
+
+usage() {
+  echo "usage: launch/local_multiprocess.sh [--dry-run] [-n N] [--port P] [--devices-per-process D] [--logs DIR] -- COMMAND ..." >&2
+}
+fail() {  # one line on stderr, exit 2 (a usage mistake)
+  echo "error: $1" >&2
+  exit 2
+}
+is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
+quote() {  # shell-quote one word only where needed, so dry-run lines can be pasted
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+
+dry_run=0 processes=2 port="" devices=1 logs=""
+while (($#)); do
+  case "$1" in
+    --dry-run) dry_run=1; shift ;;
+    -n|--processes) (($# >= 2)) || fail "$1 needs a value"; processes="$2"; shift 2 ;;
+    --port) (($# >= 2)) || fail "--port needs a value"; port="$2"; shift 2 ;;
+    --devices-per-process) (($# >= 2)) || fail "--devices-per-process needs a value"; devices="$2"; shift 2 ;;
+    --logs) (($# >= 2)) || fail "--logs needs a value"; logs="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) usage; fail "unknown option $1 (put the command after --)" ;;
+  esac
+done
+(($#)) || { usage; fail "no command given: put it after --, e.g. -- recranker finetune --config X"; }
+is_count "$processes" || fail "-n $processes: expected a positive number of processes"
+is_count "$devices" || fail "--devices-per-process $devices: expected a positive number of devices"
+if [[ -n "$port" ]]; then
+  [[ "$port" =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || fail "--port $port: expected a port number 1-65535"
+else
+  port=$("${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+logs="${logs:-runs/logs/local-$(date +%Y%m%d-%H%M%S)}"
+
+environment() {  # the variables of process $1, one NAME=value word each
+  printf '%s\n' "RECRANKER_COORDINATOR=127.0.0.1:$port" "RECRANKER_NUM_PROCESSES=$processes" \
+    "RECRANKER_PROCESS_ID=$1" "XLA_FLAGS=--xla_force_host_platform_device_count=$devices"
+}
+
+if ((dry_run)); then
+  for ((i = 0; i < processes; i++)); do
+    line=""
+    while read -r word; do line+="$(quote "$word") "; done < <(environment "$i")
+    for word in "$@"; do line+="$(quote "$word") "; done
+    echo "${line}> $(quote "$logs/process-$i.log") 2>&1"
+  done
+  exit 0
+fi
+
+mkdir -p "$logs"
+declare -A running=()  # pid -> process index, for those not yet reaped
+stop_all() {
+  for pid in "${!running[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+}
+trap 'stop_all' INT TERM
+for ((i = 0; i < processes; i++)); do
+  mapfile -t variables < <(environment "$i")
+  env "${variables[@]}" "$@" > "$logs/process-$i.log" 2>&1 &
+  running[$!]=$i
+done
+echo "started $processes processes (coordinator 127.0.0.1:$port, $devices device(s) each); logs in $logs/" >&2
+
+status=0 failed=""
+while ((${#running[@]})); do  # poll: `wait -n` loses statuses of processes ending together
+  sleep 0.2 || true
+  for pid in "${!running[@]}"; do
+    kill -0 "$pid" 2>/dev/null && continue  # still running (bash reaps ended ones after each sleep)
+    code=0
+    wait "$pid" || code=$?
+    index=${running[$pid]}
+    unset "running[$pid]"
+    if ((code != 0 && status == 0)); then
+      status=$code failed=$index
+      stop_all  # the others would wait forever for the failed one
+    fi
+  done
+done
+if ((status)); then
+  echo "error: process $failed exited with code $status; the others were stopped. Its log ($logs/process-$failed.log) ends:" >&2
+  tail -n 20 "$logs/process-$failed.log" >&2 || true
+  exit "$status"
+fi
+echo "all $processes processes finished; logs in $logs/" >&2

@@ -1,0 +1,357 @@
+"""The LLM side of re-ranking: batched, prefix-cached scorers for the three RecRanker tasks.
+
+All prompts of one user and task share a prefix (instruction + history). A batch of users'
+prefixes is run once (left-padded) and its KV cache rows are gathered for every suffix
+(question, hint, "Answer:") of those users (right-padded), so a user's history is never
+recomputed. Rotary positions and attention masks follow each row's real tokens, so padded,
+cached scores equal full-sequence scores (tested).
+
+- pointwise: the expected rating under the model's distribution over the answer tokens 1..H,
+  from one forward pass of the suffix;
+- pairwise: P(Yes) against P(No) for the question "would the user prefer A over B";
+- listwise: the candidates ranked by constrained greedy decoding: each step appends the
+  not-yet-chosen candidate whose title has the highest log-probability, so the answer is
+  always a valid ranking;
+- generate: the reference's behaviour, free-text greedy decoding then parsing, for comparison.
+
+Users are batched in order of prompt length and prompt widths rounded up to powers of two
+(continuations to one width per call, batches to a fixed size), so each jitted function
+compiles a handful of times per run and little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tqdm.auto import tqdm
+
+from recranker_jax.errors import RecRankerError
+from recranker_jax.llm.llama import KVCache, Llama
+
+MIN_WIDTH = 32
+
+
+def _bucket(length: int, step: int) -> int:
+    return max(step, -(-length // step) * step)
+
+
+def _width(length: int) -> int:
+    """Prompt widths: powers of two from 32 (at most ~2x padding, few compilations)."""
+    return max(MIN_WIDTH, 1 << (max(length, 1) - 1).bit_length())
+
+
+def _batches(lengths: Sequence[int], size: int, desc: str, progress: bool):
+    """Index batches of `size`, shortest first, with a progress bar."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    chunks = [order[i : i + size].tolist() for i in range(0, len(order), size)]
+    return tqdm(chunks, desc=desc, disable=not progress, leave=False)
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclasses.dataclass
+class PromptGroup:
+    """One user's prompts of one task: shared prefix ids and one suffix id list per prompt."""
+
+    prefix: list[int]
+    suffixes: list[list[int]]
+
+
+def split_prompts(tokenizer, prompts: Sequence[str], prefix_chars: int) -> PromptGroup:
+    """Token ids of prompts sharing their first `prefix_chars` characters, as a shared prefix
+    and per-prompt suffixes whose concatenation is exactly each prompt's own tokenisation
+    (the prefix is shortened where the tokeniser merges across the boundary)."""
+    full = tokenizer(list(prompts))["input_ids"]
+    prefix = tokenizer(prompts[0][:prefix_chars])["input_ids"]
+    n = min(common_prefix_length(prefix, ids) for ids in full)
+    n = min(n, min(len(ids) for ids in full) - 1)  # every suffix keeps at least one token
+    return PromptGroup(list(full[0][:n]), [list(ids[n:]) for ids in full])
+
+
+def continuation_ids(tokenizer, context: str, piece: str) -> list[int]:
+    """The token ids that `piece` adds after `context` (as the model sees it in training)."""
+    before = tokenizer(context, add_special_tokens=False)["input_ids"]
+    after = tokenizer(context + piece, add_special_tokens=False)["input_ids"]
+    n = common_prefix_length(before, after)
+    return list(after[n:]) if n == len(before) else list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerTokens:
+    """Answers that differ in one token after a shared lead (e.g. '▁' then '1'..'5')."""
+
+    lead: list[int]
+    choices: np.ndarray  # [n_answers] the distinguishing token of each answer
+
+
+def answer_tokens(tokenizer, answers: Sequence[str]) -> AnswerTokens:
+    """How the answers (" 1".." H", " Yes"/" No") are tokenised, exactly as in training (the
+    response on its own, see prompts.tokenizer.encode_example); refuses a tokenizer under
+    which two answers start with the same token after their shared lead."""
+    ids = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] for a in answers]
+    lead = min(common_prefix_length(ids[0], other) for other in ids)
+    heads = [seq[lead] if len(seq) > lead else None for seq in ids]
+    if None in heads or len(set(heads)) != len(heads):
+        clash = [a for a, h in zip(answers, heads) if h is None or heads.count(h) > 1]
+        raise RecRankerError(
+            f"the tokenizer cannot tell the answers {', '.join(repr(a) for a in clash)} apart by one token "
+            f"(token ids {ids}); use a tokenizer that encodes each answer distinctly or prompts.rating_mode=round"
+        )
+    return AnswerTokens(list(ids[0][:lead]), np.array(heads, np.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# Jitted pieces
+# --------------------------------------------------------------------------------------------
+
+
+@nnx.jit
+def _prefill(model: Llama, tokens, cache: KVCache, positions, key_valid):
+    """Run left-padded prompts from slot 0; returns (cache, log-probs after the last token)."""
+    logits, cache = model.extend(tokens, cache, 0, positions, key_valid)
+    return cache, jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+
+
+@nnx.jit
+def _next_token_logprobs(model: Llama, tokens, cache: KVCache, start, positions, key_valid, last):
+    """Log-probabilities of the token after position `last` [R] of right-padded rows."""
+    logits, _ = model.extend(tokens, cache, start, positions, key_valid)
+    picked = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    return jax.nn.log_softmax(picked.astype(jnp.float32), axis=-1)
+
+
+@nnx.jit
+def _listwise_step(model: Llama, cache: KVCache, key_valid, next_position, last_logprobs, start, pieces, lengths, chosen):
+    """One constrained decoding step for U users with k candidates each.
+
+    pieces [U, k, W] / lengths [U, k]: each candidate's title tokens (right-padded). Every
+    candidate row continues its user's cache; the best not-yet-chosen title (summed token
+    log-probability) is appended. Returns the new state and the pick [U]."""
+    users, k, width = pieces.shape
+    rows = jnp.repeat(jnp.arange(users), k)
+    tokens = pieces.reshape(users * k, width)
+    token_valid = jnp.arange(width)[None, :] < lengths.reshape(-1)[:, None]
+    row_valid = jax.lax.dynamic_update_slice(key_valid[rows], token_valid, (0, start))
+    positions = next_position[rows][:, None] + jnp.arange(width)[None, :]
+    logits, row_cache = model.extend(tokens, cache.take(rows), start, positions, row_valid)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    first = jnp.take_along_axis(last_logprobs[rows], tokens[:, :1], axis=1)[:, 0]
+    rest = jnp.take_along_axis(logprobs[:, :-1], tokens[:, 1:, None], axis=2)[..., 0]
+    per_token = jnp.concatenate([first[:, None], rest], axis=1)
+    score = jnp.sum(jnp.where(token_valid, per_token, 0.0), axis=1).reshape(users, k)
+    score = jnp.where(chosen | (lengths == 0), -jnp.inf, score)
+    pick = jnp.argmax(score, axis=1)
+    picked_rows = jnp.arange(users) * k + pick
+    picked_length = lengths[jnp.arange(users), pick]
+    new_last = logprobs[picked_rows, picked_length - 1]
+    return (row_cache.take(picked_rows), row_valid[picked_rows], next_position + picked_length, new_last,
+            pick, score)
+
+
+@nnx.jit
+def _greedy_step(model: Llama, token, cache: KVCache, start, positions, key_valid):
+    logits, cache = model.extend(token, cache, start, positions, key_valid)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side batching
+# --------------------------------------------------------------------------------------------
+
+
+def _left_padded(sequences: Sequence[Sequence[int]], width: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, valid, positions) [rows, width] with each sequence at the right end."""
+    tokens = np.zeros((rows, width), np.int32)
+    valid = np.zeros((rows, width), bool)
+    positions = np.zeros((rows, width), np.int32)
+    for row, seq in enumerate(sequences):
+        pad = width - len(seq)
+        tokens[row, pad:] = seq
+        valid[row, pad:] = True
+        positions[row, pad:] = np.arange(len(seq))
+    return tokens, valid, positions
+
+
+def _capacity_valid(valid: np.ndarray, capacity: int) -> np.ndarray:
+    out = np.zeros((valid.shape[0], capacity), bool)
+    out[:, : valid.shape[1]] = valid
+    return out
+
+
+def _prefill_batch(model: Llama, sequences: Sequence[Sequence[int]], rows: int, extra: int):
+    """Prefill `sequences` padded to `rows` rows; returns (cache, key_valid, lengths, width, last log-probs)."""
+    width = _width(max(len(s) for s in sequences))
+    tokens, valid, positions = _left_padded(sequences, width, rows)
+    capacity = width + extra
+    key_valid = _capacity_valid(valid, capacity)
+    cache = KVCache.zeros(model.config, rows, capacity, model.dtype)
+    cache, last = _prefill(model, jnp.asarray(tokens), cache, jnp.asarray(positions), jnp.asarray(key_valid))
+    lengths = np.zeros(rows, np.int32)
+    lengths[: len(sequences)] = [len(s) for s in sequences]
+    return cache, key_valid, lengths, width, last
+
+
+def next_token_logprobs(model: Llama, groups: Sequence[PromptGroup], lead: Sequence[int], users_per_batch: int,
+                        desc: str = "score", progress: bool = True) -> list[np.ndarray]:
+    """For every group and suffix (in order), log-probabilities [V] of the token after suffix + `lead`."""
+    results: dict[int, list[np.ndarray]] = {}
+    suffix_width = _bucket(max(len(s) + len(lead) for g in groups for s in g.suffixes), 16)  # one width per call
+    rows = users_per_batch * max(len(g.suffixes) for g in groups)  # fixed: one compilation per prefix width
+    for indices in _batches([len(g.prefix) for g in groups], users_per_batch, desc, progress):
+        batch = [groups[i] for i in indices]
+        suffixes = [s + list(lead) for g in batch for s in g.suffixes]
+        owner = np.array([u for u, g in enumerate(batch) for _ in g.suffixes], np.int32)
+        cache, key_valid, lengths, width, _ = _prefill_batch(model, [g.prefix for g in batch], users_per_batch, suffix_width)
+        tokens = np.zeros((rows, suffix_width), np.int32)
+        owners = np.zeros(rows, np.int32)
+        owners[: len(owner)] = owner
+        row_valid = key_valid[owners].copy()
+        positions = np.zeros((rows, suffix_width), np.int32)
+        last = np.zeros(rows, np.int32)
+        for row, suffix in enumerate(suffixes):
+            tokens[row, : len(suffix)] = suffix
+            row_valid[row, width : width + len(suffix)] = True
+            positions[row] = lengths[owners[row]] + np.arange(suffix_width)
+            last[row] = len(suffix) - 1
+        logprobs = _next_token_logprobs(
+            model, jnp.asarray(tokens), cache.take(jnp.asarray(owners)), jnp.asarray(width, jnp.int32),
+            jnp.asarray(positions), jnp.asarray(row_valid), jnp.asarray(last),
+        )
+        logprobs = np.asarray(logprobs)[: len(suffixes)]
+        start = 0
+        for i, g in zip(indices, batch):
+            results[i] = list(logprobs[start : start + len(g.suffixes)])
+            start += len(g.suffixes)
+    return [row for i in range(len(groups)) for row in results[i]]
+
+
+def expected_ratings(logprobs: np.ndarray, answers: AnswerTokens) -> np.ndarray:
+    """Expected rating (1..H) under the distribution renormalised over the H rating tokens."""
+    chosen = logprobs[:, answers.choices]
+    probabilities = np.exp(chosen - chosen.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    return probabilities @ np.arange(1, len(answers.choices) + 1, dtype=np.float64)
+
+
+def prefers_first(logprobs: np.ndarray, answers: AnswerTokens) -> np.ndarray:
+    """1 where P(Yes) > P(No) (answers = Yes, No), else 0."""
+    return (logprobs[:, answers.choices[0]] > logprobs[:, answers.choices[1]]).astype(np.int8)
+
+
+def listwise_rankings(
+    model: Llama, contexts: Sequence[Sequence[int]], pieces: Sequence[Sequence[Sequence[Sequence[int]]]],
+    top: int, users_per_batch: int, progress: bool = True,
+) -> np.ndarray:
+    """Constrained greedy rankings: positions [n, k] (1-based place among the first `top`, 0 beyond).
+
+    contexts: each user's full prompt ids (+ the answer's lead); pieces[u][step == 0 ? 0 : 1][j]:
+    candidate j's title ids as the first answer line and as a later line."""
+    n, k = len(contexts), max(len(p[0]) for p in pieces)
+    steps = min(top, k)
+    positions = np.zeros((n, k), np.int32)
+    piece_width = _bucket(max(len(p) for user in pieces for form in user for p in form), 8)  # one width per call
+    for batch in _batches([len(c) for c in contexts], users_per_batch, "listwise", progress):
+        cache, key_valid, lengths, width, last = _prefill_batch(
+            model, [contexts[u] for u in batch], users_per_batch, steps * piece_width
+        )
+        chosen = np.zeros((users_per_batch, k), bool)
+        chosen[len(batch) :] = True  # padding rows pick nothing real
+        key_valid, next_position = jnp.asarray(key_valid), jnp.asarray(lengths)
+        for step in range(steps):
+            form = 0 if step == 0 else 1
+            tokens = np.zeros((users_per_batch, k, piece_width), np.int32)
+            piece_lengths = np.zeros((users_per_batch, k), np.int32)  # 0: no such candidate
+            for row, u in enumerate(batch):
+                for j, ids in enumerate(pieces[u][form]):
+                    tokens[row, j, : len(ids)] = ids
+                    piece_lengths[row, j] = len(ids)
+            cache, key_valid, next_position, last, pick, _ = _listwise_step(
+                model, cache, key_valid, next_position, last, jnp.asarray(width + step * piece_width, jnp.int32),
+                jnp.asarray(tokens), jnp.asarray(piece_lengths), jnp.asarray(chosen),
+            )
+            pick = np.asarray(pick)
+            for row, u in enumerate(batch):
+                if not chosen[row, pick[row]]:  # a user with fewer than `steps` candidates picks nothing more
+                    chosen[row, pick[row]] = True
+                    positions[u, pick[row]] = step + 1
+    return positions
+
+
+def generate(model: Llama, prompts: Sequence[Sequence[int]], max_tokens: int, eos: int, batch_size: int,
+             progress: bool = True) -> list[list[int]]:
+    """Greedy free-text continuations (stopping at EOS), batched with a KV cache."""
+    outputs: dict[int, list[int]] = {}
+    for indices in _batches([len(p) for p in prompts], batch_size, "generate", progress):
+        batch = [prompts[i] for i in indices]
+        cache, key_valid, lengths, width, last = _prefill_batch(model, batch, batch_size, max_tokens)
+        token = np.asarray(jnp.argmax(last, axis=-1)).astype(np.int32)
+        generated = [[] for _ in batch]
+        done = np.zeros(batch_size, bool)
+        done[len(batch) :] = True
+        key_valid = np.array(key_valid)
+        for step in range(max_tokens):
+            for row in range(len(batch)):
+                if not done[row]:
+                    if token[row] == eos:
+                        done[row] = True
+                    else:
+                        generated[row].append(int(token[row]))
+            if done.all() or step == max_tokens - 1:
+                break
+            key_valid[:, width + step] = True
+            token, cache = _greedy_step(
+                model, jnp.asarray(token)[:, None], cache, jnp.asarray(width + step, jnp.int32),
+                jnp.asarray(lengths + step)[:, None], jnp.asarray(key_valid),
+            )
+            token = np.asarray(token)
+        outputs.update(zip(indices, generated))
+    return [outputs[i] for i in range(len(prompts))]
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing generated text (the reference's behaviour)
+# --------------------------------------------------------------------------------------------
+
+
+def parse_rating(text: str, max_rating: int) -> float | None:
+    """The first integer 1..H in the text, or None (unreadable: the reference then uses 3)."""
+    match = re.search(r"\d+", text)
+    if match and 1 <= int(match.group()) <= max_rating:
+        return float(match.group())
+    return None
+
+
+def parse_yes_no(text: str) -> int:
+    """1 for yes, 0 for no, -1 when unreadable."""
+    word = re.match(r"\W*(\w+)", text)
+    answer = word.group(1).lower() if word else ""
+    return 1 if answer == "yes" else 0 if answer == "no" else -1
+
+
+def parse_ranking(text: str, titles: Sequence[str], top: int) -> np.ndarray | None:
+    """1-based positions of the candidates named on the answer's lines (first `top`), None if none."""
+    positions = np.zeros(len(titles), np.int32)
+    place = 0
+    for line in text.splitlines():
+        line = line.strip()
+        for j, title in enumerate(titles):
+            if line and positions[j] == 0 and (line == title or title in line):
+                place += 1
+                positions[j] = place
+                break
+        if place == top:
+            break
+    return positions if place else None

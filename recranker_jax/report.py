@@ -1,0 +1,254 @@
+"""The run report: reads what the stages wrote into runs/<name>/ and writes report.md (metrics
+with 95% intervals, conditional-on-hit metrics, paired tests, answer rates, timing, training
+summary, config), metrics.json and plots/metrics.png; also the tables the CLI prints."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from recranker_jax.errors import RecRankerError
+
+METHOD_ORDER = ("backbone", "pointwise", "pairwise", "listwise", "hybrid")
+RETRIEVAL_COLUMNS = ("recall@10", "ndcg@10", "hr@10", "protocol_hr@3", "protocol_ndcg@3", "protocol_hr@5", "protocol_ndcg@5")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecRankerError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_ranking_metrics(run_dir: Path) -> dict:
+    """runs/<name>/ranking/metrics.json, or a RecRankerError saying to run the rank stage."""
+    path = Path(run_dir) / "ranking" / "metrics.json"
+    if not path.is_file():
+        raise RecRankerError(f"run folder {run_dir} has no ranking/metrics.json; run `recranker rank` for it first")
+    return _read_json(path)
+
+
+def _split(metrics_json: dict, split: str, source: str = "ranking metrics") -> dict:
+    splits = metrics_json.get("splits", {})
+    if split not in splits:
+        raise RecRankerError(f"{source}: no split {split!r}; available: {', '.join(splits) or 'none'}")
+    return splits[split]
+
+
+def _methods(result: dict) -> list[str]:
+    present = list(result["methods"])
+    return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
+
+
+def _metric_names(result: dict) -> list[str]:
+    return [f"{metric}@{k}" for k in result["ks"] for metric in ("hr", "ndcg")]
+
+
+def _label(name: str) -> str:
+    metric, k = name.split("@")
+    return f"{'HR' if metric == 'hr' else 'NDCG'}@{k}"
+
+
+def _value(x: float | None, digits: int = 4) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _signed(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.4f}"
+
+
+def _with_interval(mean: float | None, interval: list | None) -> str:
+    if mean is None:
+        return "–"
+    if not interval or interval[0] is None:
+        return _value(mean)
+    return f"{_value(mean)} [{_value(interval[0])}, {_value(interval[1])}]"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _metrics_table(result: dict, conditional: bool = False) -> str:
+    names = _metric_names(result)
+    rows = []
+    for method in _methods(result):
+        entry = result["methods"][method]
+        block = entry["conditional"] if conditional else entry
+        rows.append([method] + [_with_interval(block["metrics"].get(n), block["intervals"].get(n)) for n in names])
+    return _markdown(["method"] + [_label(n) for n in names], rows)
+
+
+def _paired_table(result: dict) -> str:
+    ks = result["ks"]
+    rows = []
+    for method in _methods(result):
+        paired = result["methods"][method].get("paired")
+        if paired is None:
+            continue
+        cells = []
+        for k in ks:
+            test = paired.get(f"ndcg@{k}", {})
+            difference = test.get("difference")
+            cells.append("–" if difference is None else f"{_signed(difference)} (p = {_value(test.get('p_value'), 3)})")
+        rows.append([f"{method} vs {result['baseline']}"] + cells)
+    if not rows:
+        return "(no method besides the baseline)"
+    return _markdown(["comparison"] + [f"ΔNDCG@{k} (p)" for k in ks], rows)
+
+
+def _rates_table(rates: dict) -> str:
+    rows = [[task, _value(r.get("unreadable")), _value(r.get("inconsistent"))] for task, r in rates.items()]
+    return _markdown(["task", "unreadable", "inconsistent"], rows) if rows else "(not recorded)"
+
+
+def _key_value_table(data: dict) -> str:
+    rows = [[str(k), _value(v) if isinstance(v, float) else str(v)] for k, v in data.items()
+            if not isinstance(v, (dict, list))]
+    return _markdown(["key", "value"], rows)
+
+
+def _retrieval_section(retrieval: dict) -> list[str]:
+    lines = [(f"Backbone: {retrieval.get('backbone', '?')}, top-{retrieval.get('candidates', '?')} candidates. "
+              "Test split, full catalogue, training items masked.")]
+    models = retrieval.get("models", {})
+    columns = [c for c in RETRIEVAL_COLUMNS if any(c in m.get("test", {}) for m in models.values())]
+    if columns:
+        rows = [[name] + [_value(entry.get("test", {}).get(c)) for c in columns] for name, entry in models.items()]
+        lines += ["", _markdown(["model"] + columns, rows)]
+    return lines
+
+
+def _split_section(name: str, result: dict) -> list[str]:
+    lines = [
+        f"## Split: {name}",
+        "",
+        (f"{result['users']} users; {result['hit_users']} have the held-out item among the candidates "
+         "(every other user is a miss whatever the re-ranker does). "
+         f"Intervals: 95% percentile bootstrap over users ({result.get('bootstrap', '?')} resamples)."),
+        "",
+        _metrics_table(result),
+        "",
+        f"### Conditional on a hit in the candidates ({result['hit_users']} users)",
+        "",
+        _metrics_table(result, conditional=True),
+        "",
+        f"### Paired sign-flip permutation test on per-user NDCG vs {result['baseline']}",
+        "",
+        _paired_table(result),
+        "",
+        "### LLM answers",
+        "",
+        (f"Scored users: {result.get('scored_users', '–')}; seconds per scored item: "
+         f"{'–' if result.get('seconds_per_item') is None else format(result['seconds_per_item'], '.4g')}."),
+        "",
+        _rates_table(result.get("rates", {})),
+        "",
+    ]
+    return lines
+
+
+def plot_metrics(result: dict, path: Path, title: str = "") -> None:
+    """Grouped bars: one panel per metric (HR, NDCG), groups by k, a bar per method, 95% intervals."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    methods = _methods(result)
+    ks = result["ks"]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)  # render off-screen with Agg, whatever the process's pyplot backend
+    axes = figure.subplots(1, 2)
+    width = 0.8 / max(len(methods), 1)
+    for axis, metric in zip(axes, ("hr", "ndcg")):
+        for i, method in enumerate(methods):
+            entry = result["methods"][method]
+            means, lows, highs = [], [], []
+            for k in ks:
+                mean = entry["metrics"].get(f"{metric}@{k}")
+                low, high = entry["intervals"].get(f"{metric}@{k}") or (None, None)
+                mean = 0.0 if mean is None else mean
+                means.append(mean)
+                lows.append(0.0 if low is None else max(mean - low, 0.0))
+                highs.append(0.0 if high is None else max(high - mean, 0.0))
+            positions = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(ks))]
+            axis.bar(positions, means, width, yerr=[lows, highs], capsize=3, label=method)
+        axis.set_xticks(range(len(ks)), [f"@{k}" for k in ks])
+        axis.set_title(f"{metric.upper()}@k (95% bootstrap interval)")
+        axis.set_ylim(bottom=0)
+    axes[0].legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write report.md, metrics.json and plots/metrics.png into `run_dir`; returns report.md's path."""
+    run_dir = Path(run_dir)
+    ranking = load_ranking_metrics(run_dir)
+    splits = ranking.get("splits", {})
+    if not splits:
+        raise RecRankerError(f"{run_dir / 'ranking' / 'metrics.json'}: no splits; run `recranker rank` again")
+    lines = [f"# RecRanker report: {run_dir.name}", ""]
+    lines.append(f"Re-ranking mode: {ranking.get('mode', '?')}. HR@k and NDCG@k of retrieve-top-k-then-re-rank "
+                 "over all users; NDCG@k = 1 / log2(rank + 1) for a hit at rank <= k.")
+    lines.append("")
+    if (run_dir / "retrieval" / "metrics.json").is_file():
+        lines += ["## Retrieval", ""] + _retrieval_section(_read_json(run_dir / "retrieval" / "metrics.json")) + [""]
+    ordered = [s for s in ("test", "valid") if s in splits] + [s for s in splits if s not in ("test", "valid")]
+    for split in ordered:
+        lines += _split_section(split, splits[split])
+    if (run_dir / "finetune" / "summary.json").is_file():
+        lines += ["## Instruction tuning", "", _key_value_table(_read_json(run_dir / "finetune" / "summary.json")), ""]
+    config = run_dir / "config.yaml"
+    lines += ["## Config", ""]
+    lines += ["```yaml", config.read_text(encoding="utf-8").rstrip(), "```"] if config.is_file() else ["(no config.yaml)"]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shutil.copyfile(run_dir / "ranking" / "metrics.json", run_dir / "metrics.json")
+    plot_metrics(splits[ordered[0]], run_dir / "plots" / "metrics.png",
+                 f"{run_dir.name}: {ordered[0]} split, {splits[ordered[0]]['users']} users")
+    return report
+
+
+def format_table(metrics_json: dict, split: str = "test") -> str:
+    """Plain-text table of one split: a row per method, mean [95% interval] per metric, then the tests."""
+    result = _split(metrics_json, split)
+    names = _metric_names(result)
+    cells = {m: [_with_interval(result["methods"][m]["metrics"].get(n), result["methods"][m]["intervals"].get(n))
+                 for n in names] for m in _methods(result)}
+    width = max([len(_label(n)) for n in names] + [len(c) for row in cells.values() for c in row]) + 2
+    name_width = max(len(m) for m in cells) + 2
+    lines = [f"{'method':<{name_width}}" + "".join(f"{_label(n):>{width}}" for n in names)]
+    lines += [f"{m:<{name_width}}" + "".join(f"{c:>{width}}" for c in row) for m, row in cells.items()]
+    lines.append(f"{split}: {result['users']} users, {result['hit_users']} with the held-out item among the candidates")
+    for method in _methods(result):
+        paired = result["methods"][method].get("paired")
+        if paired:
+            tests = ", ".join(f"ΔNDCG@{k} {_signed(paired[f'ndcg@{k}']['difference'])} p={_value(paired[f'ndcg@{k}']['p_value'], 3)}"
+                              for k in result["ks"] if f"ndcg@{k}" in paired)
+            lines.append(f"{method} vs {result['baseline']}: {tests}")
+    return "\n".join(lines)
+
+
+def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
+    """One markdown table, a row per (run, method), for ablations side by side."""
+    run_dirs = [Path(d) for d in run_dirs]
+    results = [(d, _split(load_ranking_metrics(d), split, str(d / "ranking" / "metrics.json"))) for d in run_dirs]
+    names_seen = [d.name for d in run_dirs]
+    names: list[str] = []
+    for _, result in results:
+        names += [n for n in _metric_names(result) if n not in names]
+    names.sort(key=lambda n: (int(n.split("@")[1]), n.split("@")[0] != "hr"))
+    rows = []
+    for run_dir, result in results:
+        run = run_dir.name if names_seen.count(run_dir.name) == 1 else str(run_dir)
+        for method in _methods(result):
+            entry = result["methods"][method]
+            rows.append([run, method, str(entry["conditional"]["users"])]
+                        + [_with_interval(entry["metrics"].get(n), entry["intervals"].get(n)) for n in names])
+    return _markdown(["run", "method", "hit users"] + [_label(n) for n in names], rows)

@@ -1,0 +1,234 @@
+"""Launch scripts (dry runs and refusals), the mesh pre-flight check, and how the
+environment selects single- or multi-process runs (parsed, never initialised here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recranker_jax.cli import main
+from recranker_jax.errors import RecRankerError
+from recranker_jax.launch_check import check_mesh_fits
+from recranker_jax.launch_check import main as check_main
+from recranker_jax.parallel import distributed_settings, initialize_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+EXPLICIT = {"RECRANKER_COORDINATOR": "10.0.0.2:8476", "RECRANKER_NUM_PROCESSES": "4", "RECRANKER_PROCESS_ID": "3"}
+SLURM_STEP = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "16", "SLURM_PROCID": "5"}
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def test_explicit_variables_give_the_initialize_arguments():
+    assert distributed_settings(EXPLICIT) == {"coordinator_address": "10.0.0.2:8476", "num_processes": 4,
+                                              "process_id": 3, "cpu_collectives": "gloo"}
+    assert distributed_settings({**EXPLICIT, "RECRANKER_CPU_COLLECTIVES": "mpi"})["cpu_collectives"] == "mpi"
+    assert distributed_settings({**EXPLICIT, "RECRANKER_NUM_PROCESSES": "1", "RECRANKER_PROCESS_ID": "0"}) is None
+
+
+def test_cluster_environments_use_jax_detection_and_others_are_single_process():
+    auto = {"auto": True, "cpu_collectives": None}
+    assert distributed_settings({}) is None
+    assert distributed_settings(SLURM_STEP) == auto
+    assert distributed_settings({**SLURM_STEP, "SLURM_NTASKS": "1"}) is None
+    # The batch script itself (no srun step yet) is one process; so is RECRANKER_DISTRIBUTED=off.
+    assert distributed_settings({k: v for k, v in SLURM_STEP.items() if k != "SLURM_STEP_NODELIST"}) is None
+    assert distributed_settings({**SLURM_STEP, "RECRANKER_DISTRIBUTED": "off"}) is None
+    assert distributed_settings({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1"}) == auto
+    assert distributed_settings({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+    assert distributed_settings({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.9"}) == auto
+    assert distributed_settings({"RECRANKER_DISTRIBUTED": "auto"}) == auto
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"RECRANKER_COORDINATOR": "h:1", "RECRANKER_NUM_PROCESSES": "2"},
+     ("RECRANKER_COORDINATOR is set but RECRANKER_PROCESS_ID is not: set all of RECRANKER_COORDINATOR, "
+     "RECRANKER_NUM_PROCESSES, RECRANKER_PROCESS_ID")),
+    ({"RECRANKER_PROCESS_ID": "0"}, "RECRANKER_PROCESS_ID is set but RECRANKER_COORDINATOR is not"),
+    ({**EXPLICIT, "RECRANKER_PROCESS_ID": "4"}, "RECRANKER_PROCESS_ID=4: expected 0 to 3 (RECRANKER_NUM_PROCESSES=4)"),
+    ({**EXPLICIT, "RECRANKER_PROCESS_ID": "-1"}, "RECRANKER_PROCESS_ID=-1: expected an integer >= 0"),
+    ({**EXPLICIT, "RECRANKER_NUM_PROCESSES": "two"}, "RECRANKER_NUM_PROCESSES=two: expected an integer >= 1"),
+    ({**EXPLICIT, "RECRANKER_COORDINATOR": "10.0.0.2"}, "RECRANKER_COORDINATOR=10.0.0.2: expected host:port"),
+    ({**EXPLICIT, "RECRANKER_CPU_COLLECTIVES": "nccl"}, "RECRANKER_CPU_COLLECTIVES=nccl: expected one of gloo, mpi"),
+    ({"RECRANKER_DISTRIBUTED": "yes"}, "RECRANKER_DISTRIBUTED=yes: expected off or auto (or unset)"),
+])
+def test_inconsistent_variables_are_one_line_errors(environ, message):
+    with pytest.raises(RecRankerError) as info:
+        distributed_settings(environ)
+    assert str(info.value).startswith(message)
+
+
+def test_single_process_initialisation_is_a_no_op():
+    import jax
+
+    assert initialize_distributed({}) is None and initialize_distributed({"RECRANKER_DISTRIBUTED": "off"}) is None
+    assert not jax.distributed.is_initialized()
+
+
+def test_the_cli_refuses_bad_variables_before_any_stage(tmp_path, monkeypatch, capsys):
+    for name, value in {**EXPLICIT, "RECRANKER_PROCESS_ID": "9"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["data", "stats", f"run.root={tmp_path}"]) == 2
+    assert capsys.readouterr().err == "error: RECRANKER_PROCESS_ID=9: expected 0 to 3 (RECRANKER_NUM_PROCESSES=4)\n"
+    assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- mesh pre-flight check
+
+
+def test_check_mesh_fits_resolves_the_mesh_and_the_batch(capsys):
+    assert check_mesh_fits("quickstart", ["mesh.shape=[2,-1,1]", "train.batch_size=8"], 8) == (
+        "ok: mesh (2, 4, 1) over (data, fsdp, tensor) on 8 devices")
+    with pytest.raises(RecRankerError, match=r"^mesh.shape=\[4, 4, 1\] needs 16 devices, but 8 are available$"):
+        check_mesh_fits("quickstart", ["mesh.shape=[4,4,1]"], 8)
+    with pytest.raises(RecRankerError, match=r"^train.batch_size=4 must be a multiple of the 8 batch shards of mesh \(8, 1, 1\)"):
+        check_mesh_fits("quickstart", [], 8)
+    with pytest.raises(RecRankerError, match=r"^--devices 0: expected a positive number"):
+        check_mesh_fits("quickstart", [], 0)
+    assert check_main(["--config", "quickstart", "--devices", "4", "mesh.shape=[-1,2,1]"]) == 0
+    assert capsys.readouterr().out == "ok: mesh (2, 2, 1) over (data, fsdp, tensor) on 4 devices\n"
+    assert check_main(["--config", "quickstart", "--devices", "6", "mesh.shape=[4,-1,1]"]) == 2
+    assert capsys.readouterr().err == (
+        "error: mesh.shape=[4, -1, 1]: the fixed axes (4 devices) do not divide the 6 available devices\n")
+
+
+# ----------------------------------------------------------------------------- scripts
+
+
+def script(name: str, *args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RECRANKER_", "CONFIG", "DRY_RUN"))}
+    environ.update(PYTHON=sys.executable, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **env)
+    return subprocess.run(["bash", str(REPO / "launch" / name), *args], check=False, cwd=cwd, env=environ, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_local_dry_run_prints_each_process_with_its_environment(tmp_path):
+    done = script("local_multiprocess.sh", "--dry-run", "-n", "3", "--port", "4567", "--devices-per-process", "2",
+                  "--logs", "my logs", "--", "recranker", "finetune", "--config", "c.yaml", "train.lora.targets=[q, v]",
+                  cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"RECRANKER_COORDINATOR=127.0.0.1:4567 RECRANKER_NUM_PROCESSES=3 RECRANKER_PROCESS_ID={i} "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=2 recranker finetune --config c.yaml "
+        f"'train.lora.targets=[q, v]' > 'my logs/process-{i}.log' 2>&1"
+        for i in range(3)
+    ]
+    assert not any(tmp_path.iterdir())  # a dry run starts and writes nothing
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-n", "0", "--", "true"], "error: -n 0: expected a positive number of processes"),
+    (["--port", "70000", "--", "true"], "error: --port 70000: expected a port number 1-65535"),
+    (["--devices-per-process", "x", "--", "true"], "error: --devices-per-process x: expected a positive number"),
+    (["-n", "2"], "error: no command given: put it after --"),
+    (["--bogus", "--", "true"], "error: unknown option --bogus (put the command after --)"),
+])
+def test_local_launcher_refuses_bad_options(tmp_path, args, message):
+    done = script("local_multiprocess.sh", *args, cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
+    started = time.monotonic()
+    fail_one = 'if [ "$RECRANKER_PROCESS_ID" = 1 ]; then echo "broken $XLA_FLAGS"; exit 3; fi; sleep 60'
+    done = script("local_multiprocess.sh", "-n", "3", "--logs", "logs", "--", "bash", "-c", fail_one, cwd=tmp_path)
+    assert done.returncode == 3 and time.monotonic() - started < 30  # not the 60 s the others would sleep
+    assert "error: process 1 exited with code 3; the others were stopped" in done.stderr
+    assert (tmp_path / "logs" / "process-1.log").read_text() == "broken --xla_force_host_platform_device_count=1\n"
+    ok = script("local_multiprocess.sh", "-n", "2", "--logs", "ok", "--", "bash", "-c", "echo $RECRANKER_PROCESS_ID",
+                cwd=tmp_path)
+    assert ok.returncode == 0 and [(tmp_path / "ok" / f"process-{i}.log").read_text() for i in (0, 1)] == ["0\n", "1\n"]
+
+
+def test_tpu_pod_dry_run_installs_copies_and_starts_on_every_worker(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    done = script("tpu_pod.sh", "--name", "pod", "--zone", "us-central2-b", "--project", "proj",
+                  "--accelerator-type", "v4-32", "--install-from", str(source), "--copy", "data/ml-1m:/mnt/data/ml-1m",
+                  "--dry-run", "--", "recranker", "pipeline", "--config", "quickstart", "run.root=/mnt/shared/runs",
+                  "train.batch_size=16", cwd=tmp_path, TMPDIR="/tmp")
+    assert done.returncode == 0, done.stderr
+    ssh = "gcloud compute tpus tpu-vm ssh pod --zone=us-central2-b --project=proj --worker=all --command"
+    scp = "gcloud compute tpus tpu-vm scp --zone=us-central2-b --project=proj --worker=all"
+    assert done.stdout.splitlines() == [
+        f"tar -czf /tmp/recranker-src.tar.gz --exclude=./runs --exclude=./.git --exclude=__pycache__ -C {source} .",
+        f"{scp} /tmp/recranker-src.tar.gz 'pod:~/recranker-src.tar.gz'",
+        (f"{ssh} 'rm -rf ~/recranker-src && mkdir -p ~/recranker-src && tar -xzf ~/recranker-src.tar.gz -C ~/recranker-src"
+        " && python3 -m pip install -U '\\''jax[tpu]'\\'' ~/recranker-src'"),
+        f"{scp} --recurse data/ml-1m pod:/mnt/data/ml-1m",
+        (f"{ssh} 'mkdir -p ~/recranker-logs && RECRANKER_DISTRIBUTED=auto recranker pipeline --config quickstart "
+        "run.root=/mnt/shared/runs train.batch_size=16 > ~/recranker-logs/worker-$(hostname).log 2>&1'"),
+    ]
+    assert done.stderr == "ok: mesh (16, 1, 1) over (data, fsdp, tensor) on 16 devices\n"  # v4-32: 16 chips
+    resumed = script("tpu_pod.sh", "--name", "pod", "--zone", "z", "--devices", "8", "--wheel", "r.whl", "--resume",
+                     "--dry-run", "--", "recranker", "finetune", "--config=quickstart", "train.batch_size=8", cwd=tmp_path)
+    assert resumed.stdout.splitlines() == [  # --resume: the same command, nothing reinstalled
+        ("gcloud compute tpus tpu-vm ssh pod --zone=z --worker=all --command 'mkdir -p ~/recranker-logs && "
+        "RECRANKER_DISTRIBUTED=auto recranker finetune --config=quickstart train.batch_size=8 > "
+        "~/recranker-logs/worker-$(hostname).log 2>&1'")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--worker", "0"], "error: --worker=0: a multi-host TPU program must start on every worker at once"),
+    (["--accelerator-type", "v5litepod-16", "mesh.shape=[32,1,1]"],
+     "error: mesh.shape=[32, 1, 1] needs 32 devices, but 16 are available"),
+    (["--devices", "8", "mesh.shape=[-1,1,1]"], "error: train.batch_size=4 must be a multiple of the 8 batch shards"),
+    (["--accelerator-type", "v9-8"], "error: --accelerator-type v9-8: unknown generation v9"),
+    (["--wheel", "a.whl", "--install-from", "."], "error: --install-from and --wheel: give one of them"),
+    (["--no-such-option"], "error: unknown option --no-such-option"),
+])
+def test_tpu_pod_refuses_before_starting(tmp_path, args, message):
+    options = [a for a in args if "=" not in a or a.startswith("--")]
+    overrides = [a for a in args if a not in options]
+    if not any(a in options for a in ("--devices", "--accelerator-type")):
+        options += ["--devices", "8"]
+    done = script("tpu_pod.sh", "--name", "pod", "--zone", "z", "--dry-run", *options, "--", "recranker", "pipeline",
+                  "--config", "quickstart", "train.batch_size=4", *overrides, cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr and done.stdout == "", done.stderr
+
+
+def test_tpu_pod_needs_its_name_zone_devices_and_command(tmp_path):
+    cases = {("--zone", "z", "--devices", "8", "--", "recranker"): "error: --name TPU is required",
+             ("--name", "p", "--devices", "8", "--", "recranker"): "error: --zone ZONE is required",
+             ("--name", "p", "--zone", "z", "--", "recranker"): "error: --devices N or --accelerator-type TYPE is required",
+             ("--name", "p", "--zone", "z", "--devices", "8"): "error: no command given"}
+    for args, message in cases.items():
+        done = script("tpu_pod.sh", *args, cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.startswith(message), (args, done.stderr)
+
+
+def test_slurm_dry_run_prints_srun_and_its_environment(tmp_path):
+    done = script("gpu_slurm.sbatch", "train.batch_size=16", "train.lora.targets=[q, v]", cwd=tmp_path,
+                  CONFIG="quickstart", DRY_RUN="1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "nodes=2 gpus_per_node=8 devices=16",  # the script's #SBATCH lines
+        ("RECRANKER_DISTRIBUTED=auto srun --nodes=2 --ntasks-per-node=8 --gpus-per-task=1 --kill-on-bad-exit=1 "
+        "--output=runs/logs/slurm-JOB-task-%t.log recranker pipeline --config quickstart train.batch_size=16 "
+        "'train.lora.targets=[q, v]'"),
+    ]
+    inside = script("gpu_slurm.sbatch", "--dry-run", "mesh.shape=[2,-1,1]", "train.batch_size=8", cwd=tmp_path,
+                    CONFIG="quickstart", SLURM_JOB_ID="991", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="4",
+                    STAGE="finetune")
+    assert inside.stdout.splitlines()[1] == (
+        "RECRANKER_DISTRIBUTED=auto srun --nodes=1 --ntasks-per-node=4 --gpus-per-task=1 --kill-on-bad-exit=1 "
+        "--output=runs/logs/slurm-991-task-%t.log recranker finetune --config quickstart 'mesh.shape=[2,-1,1]' "
+        "train.batch_size=8")
+    assert inside.stderr == "ok: mesh (2, 2, 1) over (data, fsdp, tensor) on 4 devices\n"
+
+
+def test_slurm_refuses_a_mesh_that_does_not_fit_and_a_missing_config(tmp_path):
+    done = script("gpu_slurm.sbatch", "--dry-run", "mesh.shape=[4,-1,1]", cwd=tmp_path, CONFIG="quickstart",
+                  NODES="1", GPUS_PER_NODE="6")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "error: mesh.shape=[4, -1, 1]: the fixed axes (4 devices) do not divide the 6 available devices\n"
+    missing = script("gpu_slurm.sbatch", "--dry-run", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: CONFIG is not set: run CONFIG=configs/x.yaml sbatch")
+    stray = script("gpu_slurm.sbatch", "--dry-run", "finetune", cwd=tmp_path, CONFIG="quickstart")
+    assert stray.returncode == 2 and stray.stderr == "error: finetune: expected a key=value override\n"

@@ -1,0 +1,145 @@
+"""The rank stage on a tiny synthetic run: wiring from prompts to candidates, utilities,
+orders and metrics, recomputed here independently from the stage's plain-file outputs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from recranker_jax.config import load_config
+from recranker_jax.errors import RecRankerError
+from recranker_jax.prompts.stage import build_instructions
+from recranker_jax.rank.stage import build_ranking
+from recranker_jax.retrieval.stage import build_retrieval
+from recranker_jax.train.stage import build_finetune
+from tests.helpers import synthetic_split
+
+SMALL = ["retrieval.epochs=2", "retrieval.eval_every=1", "retrieval.dim=16", "retrieval.batch_size=64",
+         "retrieval.explicit_mf.epochs=2", "retrieval.explicit_mf.eval_every=1", "mesh.shape=[-1,1,1]",
+         "sampling.size=100", "sampling.clusters=4", "prompts.tokenizer_vocab_size=600", "train.steps=3",
+         "train.batch_size=8", "train.seq_len=512", "train.warmup_steps=1", "model.hidden_size=32",
+         "model.intermediate_size=64", "rank.users=all", "rank.bootstrap=50"]
+
+
+def folder(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rank")
+    synthetic_split(root / "data", n_users=24)
+    cfg = load_config("quickstart", SMALL)
+    build_retrieval(cfg, root / "data", folder(root / "retrieval"), root / "ckpt", progress=False)
+    build_instructions(cfg, root / "data", root / "retrieval", folder(root / "instructions"))
+    build_finetune(cfg, root / "instructions", folder(root / "finetune"), root / "ft-ckpt", progress=False)
+    document = build_ranking(cfg, root / "data", root / "retrieval", root / "instructions", root / "finetune",
+                             folder(root / "ranking"))
+    return root, cfg, document
+
+
+def test_backbone_metrics_match_an_independent_computation_from_the_csv_files(run):
+    root, _, document = run
+    candidates = pd.read_csv(root / "retrieval" / "candidates.csv", dtype=str)
+    test = pd.read_csv(root / "data" / "test.csv", dtype=str)
+    target = dict(zip(test["user_id"], test["item_id"]))
+    ndcg3 = []
+    for user, group in candidates.groupby("user_id"):
+        ranked = group.sort_values("rank", key=lambda r: r.astype(int))["item_id"].tolist()
+        hit = ranked.index(target[user]) + 1 if target[user] in ranked else None
+        ndcg3.append(1 / np.log2(hit + 1) if hit and hit <= 3 else 0.0)
+    ndcg3 += [0.0] * (len(test) - len(ndcg3))
+    got = document["splits"]["test"]["methods"]["backbone"]["metrics"]["ndcg@3"]
+    assert got == pytest.approx(np.mean(ndcg3), abs=1e-6)
+    assert document["splits"]["test"]["scored_users"] == len(test)  # rank.users=all
+
+
+def test_rankings_reorder_each_users_candidates_by_the_recomputed_hybrid_utility(run):
+    root, cfg, _ = run
+    scores = np.load(root / "ranking" / "scores_test.npz")
+    candidates = scores["candidates"]
+    k = candidates.shape[1]
+    # Independent recomputation of the reference's utilities from the raw scorer outputs.
+    point = scores["expected_rating"] + 0.05 * (k - np.arange(k))
+    pair = np.zeros_like(point)
+    for u in range(len(candidates)):
+        for (a, b), (ab, ba) in zip(scores["pairs"][u], scores["prefers_first"][u]):
+            if a < 0:
+                continue
+            if ab == 1 and ba == 0:
+                pair[u, a] += 0.5
+            elif ab == 0 and ba == 1:
+                pair[u, b] += 0.5
+            else:
+                pair[u, a] += 0.25
+                pair[u, b] += 0.25
+    places = scores["list_positions"]
+    listwise = np.where((places >= 1) & (places <= 5), 0.025 * (6 - places), 0.0)
+    utility = point + pair + listwise
+    assert sorted(places[0][places[0] > 0].tolist()) == [1, 2, 3, 4, 5]
+    rankings = pd.read_csv(root / "ranking" / "rankings.csv", dtype={"user_id": str, "item_id": str})
+    items = pd.read_csv(root / "data" / "items.csv", dtype=str)["item_id"].to_numpy()
+    users = pd.read_csv(root / "data" / "test.csv", dtype=str)["user_id"].to_numpy()
+    for u in range(len(candidates)):
+        expected = [items[candidates[u][j]] for j in sorted(range(k), key=lambda j: (-utility[u, j], j))]
+        rows = rankings[(rankings["user_id"] == users[u]) & (rankings["method"] == "hybrid")]
+        assert rows.sort_values("position")["item_id"].tolist() == expected
+        backbone = rankings[(rankings["user_id"] == users[u]) & (rankings["method"] == "backbone")]
+        assert backbone.sort_values("position")["item_id"].tolist() == [items[c] for c in candidates[u]]
+
+
+def test_pointwise_score_is_the_expected_rating_of_that_candidates_own_prompt(run):
+    from recranker_jax.llm.hf_import import load_hf_llama
+    from recranker_jax.prompts.tokenizer import load_tokenizer
+
+    root, _, _ = run
+    scores = np.load(root / "ranking" / "scores_test.npz")
+    items = pd.read_csv(root / "data" / "items.csv", dtype=str)["item_id"].tolist()
+    users = pd.read_csv(root / "data" / "test.csv", dtype=str)["user_id"].tolist()
+    records = [json.loads(line) for line in (root / "instructions" / "test.jsonl").read_text().splitlines()]
+    record = [r for r in records if r["task"] == "pointwise"][13]
+    u = users.index(record["user_id"])
+    j = list(scores["candidates"][u]).index(items.index(record["candidate"]))
+    tokenizer = load_tokenizer(root / "finetune" / "model")
+    model = load_hf_llama(root / "finetune" / "model")
+    answers = [tokenizer(f" {r}", add_special_tokens=False)["input_ids"] for r in range(1, 6)]
+    ids = tokenizer(record["prompt"])["input_ids"] + answers[0][:-1]  # the answers' shared lead, if any
+    logits = np.asarray(jax.nn.log_softmax(model(jnp.asarray(ids)[None])[0, -1]))
+    p = np.exp(logits[[a[-1] for a in answers]])
+    assert scores["expected_rating"][u, j] == pytest.approx(float(p @ np.arange(1, 6) / p.sum()), abs=1e-4)
+
+
+def test_generate_mode_reports_unreadable_outputs_and_falls_back_to_rating_3(run):
+    root, _, _ = run
+    cfg = load_config("quickstart", [*SMALL, "rank.mode=generate", "rank.splits=[test]", "rank.generate_tokens=12"])
+    document = build_ranking(cfg, root / "data", root / "retrieval", root / "instructions", root / "finetune",
+                             folder(root / "ranking-generate"))
+    rates = document["splits"]["test"]["rates"]
+    assert set(rates) == {"pointwise", "pairwise", "listwise"}
+    assert all(0.0 <= r["unreadable"] <= 1.0 for r in rates.values())
+    ratings = np.load(root / "ranking-generate" / "scores_test.npz")["expected_rating"]
+    readable = ratings[ratings != 3.0]
+    assert set(np.unique(readable)).issubset({1.0, 2.0, 4.0, 5.0})  # parsed integers or the fallback 3
+    if rates["pointwise"]["unreadable"] > 0:
+        assert (ratings == 3.0).any()
+
+
+def test_inputs_from_another_run_are_one_line_errors(run, tmp_path):
+    import shutil
+
+    root, cfg, _ = run
+    instructions = tmp_path / "instructions"
+    shutil.copytree(root / "instructions", instructions)
+    lines = (instructions / "test.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    record["candidate"] = "no-such-item"
+    (instructions / "test.jsonl").write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    with pytest.raises(RecRankerError, match=r"test.jsonl, line 1: .* do not match this run's retrieval candidates"):
+        build_ranking(cfg, root / "data", root / "retrieval", instructions, root / "finetune", folder(tmp_path / "out"))
+    bad = load_config("quickstart", [*SMALL, "rank.ks=[3, 20]"])
+    with pytest.raises(RecRankerError, match=r"rank.ks=\[3, 20\]"):
+        build_ranking(bad, root / "data", root / "retrieval", root / "instructions", root / "finetune", folder(tmp_path / "o2"))
