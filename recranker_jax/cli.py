@@ -80,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_rank.add_argument("--users", type=int, default=32, help="test users whose prompts are scored (default 32)")
     bench_rank.add_argument("--repeats", type=int, default=1, help="timed repeats after one warm-up (median)")
     bench_rank.add_argument("--out", help="also write the results as JSON to this file")
+    bench_train = bench_commands.add_parser(
+        "train", help="training-step tokens/s and peak memory: JAX vs transformers' PyTorch LlamaForCausalLM (CPU)"
+    )
+    _add_common(bench_train, default_config="quickstart")
+    bench_train.add_argument("--preset", default="quickstart", choices=["quickstart", "7b-lora", "config"],
+                             help="problem size: quickstart (default; the CPU model), 7b-lora (accelerators, JAX only), "
+                                  "or config (the config's model and train sections)")
+    bench_train.add_argument("--repeats", type=int, default=5, help="timed steps per side, interleaved (median)")
+    bench_train.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
+    bench_train.add_argument("--no-torch", action="store_true", help="time JAX only")
+    bench_train.add_argument("--cpus", help="pin both sides to these CPUs, e.g. 0 or 0,1 (PyTorch: that many threads)")
+    bench_train.add_argument("--out", help="also write the results as JSON to this file")
     bench_compare = bench_commands.add_parser("compare", help="bench result files side by side, with ratios to the first")
     bench_compare.add_argument("files", nargs="+", metavar="RESULT.json", help="files written by recranker bench")
 
@@ -193,9 +205,11 @@ def _run_rank(cfg) -> None:
 
 
 def _run_report(cfg) -> None:
+    from recranker_jax.parallel import is_primary
     from recranker_jax.report import write_report
 
-    print(f"[report] written: {write_report(cfg.run_dir)}")
+    if is_primary():  # with several processes, process 0 writes the report
+        print(f"[report] written: {write_report(cfg.run_dir)}")
 
 
 def _run_data(cfg) -> None:
@@ -257,6 +271,18 @@ def cmd_bench_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from recranker_jax.bench.train import bench_train, format_results
+
+    doc = bench_train(load_config(args.config, args.overrides), repeats=args.repeats, preset=args.preset,
+                      warmup=args.warmup, compare_torch=not args.no_torch, cpus=args.cpus)
+    print(format_results(doc))
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"results written to {args.out}")
+    return 0
+
+
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from recranker_jax.bench.compare import format_comparison
 
@@ -294,6 +320,7 @@ COMMANDS = {
     ("bench", "retrieval"): cmd_bench_retrieval,
     ("bench", "compare"): cmd_bench_compare,
     ("bench", "rank"): cmd_bench_rank,
+    ("bench", "train"): cmd_bench_train,
     ("bench", "all"): cmd_bench_all,
     ("plan", None): cmd_plan,
     ("quickstart", None): cmd_pipeline,

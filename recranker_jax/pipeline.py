@@ -237,5 +237,7 @@ def rank_stage(cfg: Config, progress: bool = True) -> tuple[Path, bool]:
     check_config(cfg)
     finetune_dir, _ = finetune_stage(cfg, progress)
     run_dir = cfg.run_dir
-    return run_stage(run_dir, "ranking", rank_key(cfg), lambda out: build_ranking(
+    # With several processes each ranks on its own first device (the model must fit one) and
+    # process 0 writes the folder: simple and correct, not yet a sharded inference.
+    return run_collective_stage(cfg, "ranking", rank_key(cfg), lambda out: build_ranking(
         cfg, run_dir / "data", run_dir / "retrieval", run_dir / "instructions", finetune_dir, out))

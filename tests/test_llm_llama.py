@@ -202,3 +202,19 @@ def test_padded_cache_batches_give_each_rows_own_logits(tmp_path):
         n = len(prefixes[row])
         np.testing.assert_allclose(np.asarray(prefix_logits)[row, width - n :], alone[:n], atol=1e-5)
         np.testing.assert_allclose(np.asarray(logits)[row, : len(suffixes[row])], alone[n:], atol=1e-5)
+
+
+def test_long_packed_sequences_match_torch_across_attention_blocks(tmp_path):
+    """Over 128 tokens the causal attention runs block by block: still torch's logits, and packed
+    examples still never see each other."""
+    reference = save_tiny_llama(tmp_path)
+    model = load_hf_llama(tmp_path)
+    rng = np.random.default_rng(8)
+    first, second = rng.integers(0, 97, 150), rng.integers(0, 97, 170)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(second)[None]).logits.numpy()[0]
+    packed = jnp.asarray(np.concatenate([first, second]))[None]
+    segments = jnp.asarray([1] * 150 + [2] * 170)[None]
+    positions = jnp.asarray(list(range(150)) + list(range(170)))[None]
+    got = np.asarray(model(packed, positions, segments))[0, 150:]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

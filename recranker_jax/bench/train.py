@@ -1,25 +1,32 @@
-"""`recranker bench train`: instruction-tuning step throughput of this JAX implementation
-against transformers' PyTorch `LlamaForCausalLM` (float32, on the CPU), same problem.
+"""`recranker bench train`: training-step throughput of this JAX implementation and, on the CPU,
+of transformers' PyTorch `LlamaForCausalLM` on the same problem, in the same run.
 
-Problem: the config's ranker model shape (`model.*`, or the shape in `model.checkpoint`'s
-config.json), `train.batch_size` rows of `train.seq_len` random tokens drawn from a vocabulary
-of `prompts.tokenizer_vocab_size` (the quickstart: hidden 128, intermediate 344, 2 layers,
-4 heads, 2 KV heads, tied embeddings, vocabulary 4096, 4 x 1152 tokens). One batch is
-reused every step. Both sides start from the same weights (the JAX model's initialisation,
-exported with `export_hf` and loaded with `from_pretrained`), train every parameter with
-the same loss (mean next-token cross-entropy over every position but the last: the
-finetune loss with an all-ones answer mask, one segment per row) and the same optimizer
-(AdamW after global-norm clipping, `train.lr` with the finetune warmup + cosine schedule,
-`train.weight_decay`, `train.clip_norm`). JAX runs `train.step.train_step`; PyTorch runs
-forward with `labels=`, backward, `clip_grad_norm_`, `AdamW.step` (attention: sdpa, the
-faster of sdpa / eager here; see `TORCH_ATTENTION`).
+Problems (`PRESETS`; fixed sizes, so that result files from different machines compare):
 
-Each side runs in its own process so its peak resident memory is its own; the two
-processes take turns (one timed step each, alternating which goes first), so load from
-elsewhere on the machine falls on both alike. Step times are medians over the timed steps,
-after warm-up steps (the first compiles). tokens/s = batch_size * seq_len / step seconds.
-Peak memory: the whole process's peak RSS (JAX's includes compilation) and the peak RSS
-while the timed steps ran.
+- quickstart (default): the quickstart's CPU model: hidden 128, intermediate 344, 2 layers,
+  4 heads, 2 KV heads, tied embeddings, vocabulary 4096; 4 rows x 1152 tokens; float32;
+  every parameter trained.
+- 7b-lora: LLaMA-2 7B shapes (random weights), LoRA r8 on q, v; bfloat16; 2 x 2048 tokens;
+  remat. For accelerators; JAX only.
+- config: the run config's model (`model.*`, or `model.checkpoint`'s shape with random
+  weights; vocabulary `prompts.tokenizer_vocab_size`), `train.seq_len`, `train.batch_size`,
+  dtypes, remat and LoRA.
+
+Both sides get random tokens (one batch, reused every step) and start from the same weights
+(the JAX initialisation, written with `export_hf`, read with `from_pretrained`). They train
+with the same loss, the mean next-token cross-entropy over every position but the last (the
+finetune loss with an all-ones answer mask and one segment per row), and the same optimizer:
+global-norm clipping, then AdamW with the finetune warmup + cosine schedule. JAX runs
+`train.step.train_step`; PyTorch runs forward with `labels=`, backward, `clip_grad_norm_`,
+`AdamW.step` with `sdpa` attention (transformers' default; `eager` measured ~3x slower here).
+The first losses of the two sides are reported: equal up to float32 rounding.
+
+Each side runs in its own process, so its peak resident memory (ru_maxrss; JAX's includes
+compilation) is its own. The processes take turns, one timed step each, alternating which
+goes first, so load from elsewhere on the machine falls on both alike; step times are
+medians over the timed steps after warm-up steps (the first compiles). tokens/s =
+batch_size * seq_len / step seconds; ratio = JAX tokens/s / PyTorch tokens/s. `cpus` pins
+both processes to the listed CPUs (and PyTorch to that many threads).
 """
 
 from __future__ import annotations
@@ -41,42 +48,65 @@ from recranker_jax.config import Config
 from recranker_jax.errors import RecRankerError
 
 SIDES = ("jax", "torch")
-TORCH_ATTENTION = "sdpa"  # transformers' default; eager (materialised scores) measured ~3x slower here
-PAUSE_SECONDS = 0.05  # between turns, so the other process's worker threads are idle
+TORCH_ATTENTION = "sdpa"
+PAUSE_SECONDS = 0.05  # between turns, so the other process's worker threads have gone idle
+
+_OPTIMIZER = {"lr": 1e-3, "warmup_steps": 15, "total_steps": 150, "weight_decay": 0.0, "clip_norm": 1.0}
+PRESETS: dict[str, dict] = {
+    "quickstart": {
+        "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "tie_word_embeddings": True,
+        "seq_len": 1152, "batch_size": 4, "dtype": "float32", "param_dtype": "float32", "remat": False,
+        "lora": None, **_OPTIMIZER, "seed": 0,
+    },
+    "7b-lora": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "seq_len": 2048, "batch_size": 2, "dtype": "bfloat16", "param_dtype": "bfloat16", "remat": True,
+        "lora": {"targets": ["q", "v"], "rank": 8, "alpha": 16.0}, **_OPTIMIZER, "lr": 1e-4, "seed": 0,
+    },
+}
 
 
 # ----------------------------------------------------------------------------- the problem
 
-def problem_from_config(cfg: Config, vocab_size: int | None = None, seq_len: int | None = None,
-                        batch_size: int | None = None) -> dict:
-    """The benchmark problem (a JSON-able dict) from the config's model and train sections."""
-    m, t = cfg.model, cfg.train
-    if m.checkpoint:
-        from recranker_jax.llm.hf_import import read_config
+def problem_from_config(cfg: Config, preset: str = "quickstart") -> dict:
+    """The benchmark problem (a JSON-able dict): a preset, or `config` (the run config's sizes)."""
+    if preset in PRESETS:
+        problem = dict(PRESETS[preset])
+    elif preset == "config":
+        m, t = cfg.model, cfg.train
+        if m.checkpoint:
+            from recranker_jax.llm.hf_import import read_config
 
-        shape = dataclasses.asdict(read_config(Path(m.checkpoint).expanduser()))
+            shape = dataclasses.asdict(read_config(Path(m.checkpoint).expanduser()))
+        else:
+            shape = {"vocab_size": cfg.prompts.tokenizer_vocab_size, "hidden_size": m.hidden_size,
+                     "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_hidden_layers,
+                     "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_key_value_heads,
+                     "rope_theta": m.rope_theta, "tie_word_embeddings": m.tie_word_embeddings}
+        lora = t.lora
+        problem = {**shape, "seq_len": t.seq_len, "batch_size": t.batch_size, "dtype": m.dtype,
+                   "param_dtype": m.param_dtype, "remat": t.remat,
+                   "lora": {"targets": list(lora.targets), "rank": lora.rank, "alpha": lora.alpha} if lora.enabled else None,
+                   "lr": t.lr, "warmup_steps": t.warmup_steps, "total_steps": t.steps,
+                   "weight_decay": t.weight_decay, "clip_norm": t.clip_norm, "seed": cfg.run.seed}
     else:
-        shape = {"vocab_size": cfg.prompts.tokenizer_vocab_size, "hidden_size": m.hidden_size,
-                 "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_hidden_layers,
-                 "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_key_value_heads,
-                 "rope_theta": m.rope_theta, "tie_word_embeddings": m.tie_word_embeddings}
-    if vocab_size is not None:
-        shape["vocab_size"] = vocab_size
-    problem = {
-        **shape,
-        "seq_len": seq_len or t.seq_len, "batch_size": batch_size or t.batch_size,
-        "lr": t.lr, "warmup_steps": t.warmup_steps, "total_steps": t.steps,
-        "weight_decay": t.weight_decay, "clip_norm": t.clip_norm, "seed": cfg.run.seed,
-    }
-    problem["max_position_embeddings"] = max(problem.get("max_position_embeddings", 0), problem["seq_len"])
+        raise RecRankerError(f"bench train: preset {preset!r}: expected one of {', '.join([*PRESETS, 'config'])}")
+    problem["max_position_embeddings"] = max(problem.get("max_position_embeddings") or 0, problem["seq_len"])
     for key in ("vocab_size", "seq_len", "batch_size"):
         if problem[key] < 2:
             raise RecRankerError(f"bench train: {key}={problem[key]} is too small (expected at least 2)")
     return problem
 
 
+def torch_comparable(problem: dict) -> bool:
+    """Whether the PyTorch side runs the same problem: float32, every parameter trained."""
+    return problem["dtype"] == "float32" and problem["param_dtype"] == "float32" and not problem["lora"]
+
+
 def learning_rate(step: int, problem: dict) -> float:
-    """`train.step.make_optimizer`'s schedule in plain Python (so the PyTorch process needs no JAX)."""
+    """`train.step.make_optimizer`'s schedule in plain Python (the PyTorch process imports no JAX)."""
     warmup = max(problem["warmup_steps"], 1)
     total = max(problem["total_steps"], warmup + 1)
     if step < warmup:
@@ -102,26 +132,34 @@ def _llama_config(problem: dict):
 # ----------------------------------------------------------------------------- the two sides
 
 def jax_side(problem: dict, weights_dir: Path | None = None):
-    """(step function returning the loss, the model): `train_step` on the packed-batch form of
-    the problem; writes the initial weights to `weights_dir` (a Hugging Face folder)."""
+    """(step function returning the loss, model, optimizer) for `train_step` on the problem in
+    the finetune's packed-batch form; writes the initial weights to `weights_dir` if given."""
     import numpy as np
     from flax import nnx
 
     from recranker_jax.llm.llama import Llama
     from recranker_jax.train.step import make_optimizer, place_batch, train_step
 
-    model = Llama(_llama_config(problem), nnx.Rngs(problem["seed"]))
+    model = Llama(_llama_config(problem), nnx.Rngs(problem["seed"]), problem["dtype"], problem["param_dtype"],
+                  problem["remat"])
     if weights_dir is not None:
         from recranker_jax.llm.hf_export import export_hf
 
         export_hf(model, weights_dir)
+    wrt = nnx.Param
+    if problem["lora"]:
+        from recranker_jax.llm.lora import apply_lora
+
+        lora = problem["lora"]
+        apply_lora(model, lora["targets"], lora["rank"], lora["alpha"], 0.0, nnx.Rngs(problem["seed"] + 1))
+        wrt = nnx.LoRAParam
     optimizer = nnx.Optimizer(
         model, make_optimizer(problem["lr"], problem["warmup_steps"], problem["total_steps"], problem["weight_decay"],
-                              problem["clip_norm"]), wrt=nnx.Param)
+                              problem["clip_norm"]), wrt=wrt)
     tokens = random_tokens(problem)
     rows, length = tokens.shape
     loss_mask = np.ones_like(tokens)
-    loss_mask[:, -1] = 0  # the last position has no next token (as with Hugging Face's shifted labels)
+    loss_mask[:, -1] = 0  # the last position has no next token (Hugging Face's shifted labels)
     batch = place_batch({"tokens": tokens, "loss_mask": loss_mask, "segment_ids": np.ones_like(tokens),
                          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()},
                         None, {})
@@ -129,12 +167,12 @@ def jax_side(problem: dict, weights_dir: Path | None = None):
     def step() -> float:
         return float(train_step(model, optimizer, batch))
 
-    return step, model
+    return step, model, optimizer
 
 
 def torch_side(problem: dict, weights_dir: Path, attention: str = TORCH_ATTENTION):
-    """(step function returning the loss, the model): transformers' LlamaForCausalLM from the
-    weights in `weights_dir`, AdamW after clip_grad_norm_, the same schedule."""
+    """(step function returning the loss, model): transformers' LlamaForCausalLM with the
+    weights in `weights_dir`, clip_grad_norm_ then AdamW, the same schedule."""
     try:
         import torch
         from transformers import LlamaForCausalLM
@@ -161,29 +199,34 @@ def torch_side(problem: dict, weights_dir: Path, attention: str = TORCH_ATTENTIO
     return step, model
 
 
+def _jax_info(problem: dict, model) -> dict:
+    import jax
+    from flax import nnx
+
+    from recranker_jax.bench.hardware import (
+        environment,
+        llama_flops_per_token,
+        peak_flops,
+    )
+
+    device = jax.devices()[0]
+    lora_parameters = int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
+    flops = llama_flops_per_token(model.config, problem["seq_len"], "lora" if problem["lora"] else "full", lora_parameters)
+    return {"environment": {**environment(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
+            "flops_per_token": flops, "peak_flops": peak_flops(device, problem["dtype"])}
+
+
+def _device_peak_mb() -> float | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None
+
+
 # ----------------------------------------------------------------------------- worker processes
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def _reset_peak_rss() -> bool:
-    """Start a new peak-RSS window (Linux: VmHWM); False where that is not available."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _window_peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
 
 
 def _send(message: dict) -> None:
@@ -192,59 +235,65 @@ def _send(message: dict) -> None:
 
 
 def _worker_main(argv: list[str]) -> None:
-    """`python -m recranker_jax.bench.train SIDE PROBLEM_JSON WEIGHTS_DIR WARMUP`, then commands on
-    stdin: `step` (one timed step; replies its seconds and loss) and `quit` (replies the summary)."""
-    side, problem_json, weights_dir, warmup = argv
+    """`python -m recranker_jax.bench.train SIDE PROBLEM_JSON WEIGHTS_DIR WARMUP CPUS`, then commands
+    on stdin: `step` (one timed step; replies its seconds and loss) and `quit` (replies memory)."""
+    side, problem_json, weights_dir, warmup, cpus = argv
+    if cpus:  # before the frameworks size their thread pools
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     problem = json.loads(problem_json)
     info: dict = {}
     if side == "jax":
-        import jax
-
-        step, _ = jax_side(problem, Path(weights_dir))
-        info.update(xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__, device=jax.devices()[0].device_kind)
+        step, model, _ = jax_side(problem, Path(weights_dir) if weights_dir else None)
+        info = _jax_info(problem, model)
     elif side == "torch":
         import torch
         import transformers
 
+        if cpus:
+            torch.set_num_threads(len(cpus.split(",")))
         step, _ = torch_side(problem, Path(weights_dir))
-        info.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads(),
-                    torch_attention=TORCH_ATTENTION)
+        info = {"environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                "torch_threads": torch.get_num_threads(), "torch_attention": TORCH_ATTENTION}}
     else:
         raise RecRankerError(f"bench train: unknown side {side!r}")
-    losses, warm_seconds = [], []
+    losses, first_seconds = [], None
     for _ in range(int(warmup)):
         started = time.perf_counter()
         losses.append(step())
-        warm_seconds.append(time.perf_counter() - started)
-    windowed = _reset_peak_rss()
-    _send({"ready": True, "first_loss": losses[0], "first_step_seconds": warm_seconds[0], **info})
+        first_seconds = first_seconds or time.perf_counter() - started
+    _send({"first_loss": losses[0], "first_step_seconds": first_seconds, **info})
     for line in sys.stdin:
         command = line.strip()
         if command == "step":
             started, cpu_started = time.perf_counter(), time.process_time()
             loss = step()
-            _send({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started, "loss": loss})
+            _send({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+                   "loss": loss})
         elif command == "quit":
             _send({"peak_rss_mb": round(_peak_rss_mb(), 1),
-                   "steps_peak_rss_mb": round(_window_peak_rss_mb(), 1) if windowed else None})
+                   "peak_device_memory_mb": _device_peak_mb() if side == "jax" else None})
             return
 
 
 @dataclasses.dataclass
 class Worker:
-    """One side's process: `command` started with `env` added to this process's environment."""
+    """One side's process: `command`, with `env` added to this process's environment."""
 
     name: str
     command: list[str]
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     process: subprocess.Popen | None = None
-    stderr: tempfile.TemporaryFile | None = None
+    stderr: object | None = None
+    setup: dict | None = None
 
     def start(self) -> dict:
-        self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: chatty stderr cannot block the worker
-        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.stderr, text=True, env={**os.environ, **self.env})
-        return self.receive()
+        """Start the process (once) and return its first reply: set up, warmed up, ready."""
+        if self.process is None:
+            self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in stop); a file, not a pipe
+            self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=self.stderr, text=True, env={**os.environ, **self.env})
+            self.setup = self.receive()
+        return self.setup
 
     def receive(self) -> dict:
         assert self.process is not None and self.process.stdout is not None
@@ -253,9 +302,9 @@ class Worker:
                 return json.loads(line.removeprefix("BENCH "))
         self.process.wait()
         self.stderr.seek(0)
-        lines = self.stderr.read().strip().splitlines()
-        last = next((l for l in reversed(lines) if l.strip()), "no output")
-        raise RecRankerError(f"bench train: the {self.name} process failed (exit {self.process.returncode}): {last}")
+        lines = [l for l in self.stderr.read().splitlines() if l.strip()]
+        raise RecRankerError(f"bench train: the {self.name} process failed (exit {self.process.returncode}): "
+                             f"{lines[-1] if lines else 'no output'}")
 
     def ask(self, command: str) -> dict:
         assert self.process is not None and self.process.stdin is not None
@@ -271,94 +320,111 @@ class Worker:
             self.stderr.close()
 
 
-def run_interleaved(workers: list[Worker], repeats: int, pause: float = PAUSE_SECONDS) -> dict[str, dict]:
-    """Start the workers one after another (each writes or reads the shared weights), then
-    time `repeats` steps of each, taking turns; returns each worker's summary."""
-    results = {}
-    try:
-        for worker in workers:
-            results[worker.name] = {"setup": worker.start(), "seconds": [], "cpu_seconds": [], "losses": []}
-        for r in range(repeats):
-            for worker in workers if r % 2 == 0 else workers[::-1]:
-                time.sleep(pause)
-                reply = worker.ask("step")
-                results[worker.name]["seconds"].append(reply["seconds"])
-                results[worker.name]["cpu_seconds"].append(reply["cpu_seconds"])
-                results[worker.name]["losses"].append(reply["loss"])
-        for worker in workers:
-            results[worker.name]["memory"] = worker.ask("quit")
-            worker.process.wait(timeout=60)
-    finally:
-        for worker in workers:
-            worker.stop()
-    return results
-
-
-def _worker(side: str, problem: dict, weights_dir: Path, warmup: int, env: dict[str, str] | None = None) -> Worker:
-    command = [sys.executable, "-m", "recranker_jax.bench.train", side, json.dumps(problem), str(weights_dir), str(warmup)]
+def worker(side: str, problem: dict, weights_dir: Path | None, warmup: int, cpus: str = "",
+           env: dict[str, str] | None = None) -> Worker:
+    command = [sys.executable, "-m", "recranker_jax.bench.train", side, json.dumps(problem),
+               str(weights_dir or ""), str(warmup), cpus]
     return Worker(side, command, env or {})
+
+
+def run_interleaved(workers: list[Worker], repeats: int, pause: float = PAUSE_SECONDS) -> dict[str, dict]:
+    """Start the workers one after another (the first writes the weights the others read) unless
+    started already, then time `repeats` steps of each, taking turns; returns their replies."""
+    results: dict[str, dict] = {}
+    try:
+        for w in workers:
+            results[w.name] = {"setup": w.start(), "seconds": [], "cpu_seconds": [], "losses": []}
+        for r in range(repeats):
+            for w in workers if r % 2 == 0 else workers[::-1]:
+                time.sleep(pause)
+                reply = w.ask("step")
+                for key, plural in (("seconds", "seconds"), ("cpu_seconds", "cpu_seconds"), ("loss", "losses")):
+                    results[w.name][plural].append(reply[key])
+        for w in workers:
+            results[w.name]["memory"] = w.ask("quit")
+            w.process.wait(timeout=60)
+    finally:
+        for w in workers:
+            w.stop()
+    return results
 
 
 # ----------------------------------------------------------------------------- the benchmark
 
-def jax_environment() -> dict[str, str]:
-    """Environment for the JAX process: XLA_FLAGS with this package's CPU defaults added."""
-    from recranker_jax.xla_flags import with_cpu_flags
+def _summary(raw: dict, tokens: int) -> dict:
+    seconds = statistics.median(raw["seconds"])
+    return {"tokens_per_second": tokens / seconds, "step_seconds": seconds,
+            "step_cpu_seconds": statistics.median(raw["cpu_seconds"]),
+            "peak_rss_mb": raw["memory"]["peak_rss_mb"], "first_step_seconds": raw["setup"]["first_step_seconds"],
+            "first_loss": raw["setup"]["first_loss"], "last_loss": raw["losses"][-1]}
 
-    return {"XLA_FLAGS": with_cpu_flags(os.environ.get("XLA_FLAGS", ""))}
 
-
-def bench_train(cfg: Config, repeats: int = 5, warmup: int = 2, vocab_size: int | None = None,
-                seq_len: int | None = None, batch_size: int | None = None) -> dict:
-    """Time both sides on the config's problem; returns the results document."""
+def bench_train(cfg: Config, repeats: int = 5, preset: str = "quickstart", warmup: int = 2,
+                compare_torch: bool = True, cpus: str | None = None) -> dict:
+    """Time the problem on JAX and (on the CPU, for float32 full fine-tuning) PyTorch; returns
+    the results document (`format_results` prints it)."""
     if repeats < 1 or warmup < 1:
-        raise RecRankerError(f"bench train: repeats={repeats} and warmup={warmup} must be positive")
-    problem = problem_from_config(cfg, vocab_size, seq_len, batch_size)
+        raise RecRankerError(f"bench train: repeats={repeats} and warmup={warmup} must be positive integers")
+    cpus = ",".join(c.strip() for c in (cpus or "").split(",") if c.strip())
+    if cpus and not all(c.isdigit() for c in cpus.split(",")):
+        raise RecRankerError(f"bench train: cpus={cpus!r}: expected CPU numbers separated by commas, e.g. 0,1")
+    problem = problem_from_config(cfg, preset)
     tokens = problem["batch_size"] * problem["seq_len"]
+    compare = compare_torch and torch_comparable(problem)
     with tempfile.TemporaryDirectory(prefix="recranker-bench-train-") as weights_dir:
-        raw = run_interleaved([_worker("jax", problem, Path(weights_dir), warmup, jax_environment()),
-                               _worker("torch", problem, Path(weights_dir), warmup)], repeats)
-    summary = {}
-    for side in SIDES:
-        seconds = statistics.median(raw[side]["seconds"])
-        summary[side] = {"step_seconds": seconds, "tokens_per_second": tokens / seconds,
-                         "peak_rss_mb": raw[side]["memory"]["peak_rss_mb"],
-                         "steps_peak_rss_mb": raw[side]["memory"]["steps_peak_rss_mb"],
-                         "first_step_seconds": raw[side]["setup"]["first_step_seconds"],
-                         "first_loss": raw[side]["setup"]["first_loss"], "last_loss": raw[side]["losses"][-1],
-                         "step_seconds_all": raw[side]["seconds"]}
-    jax_setup, torch_setup = raw["jax"]["setup"], raw["torch"]["setup"]
-    train = {f"{side}_{key}": value for side in SIDES for key, value in summary[side].items()}
-    train["ratio"] = summary["jax"]["tokens_per_second"] / summary["torch"]["tokens_per_second"]
+        jax_worker = worker("jax", problem, Path(weights_dir) if compare else None, warmup, cpus)
+        workers = [jax_worker]
+        try:
+            if compare and jax_worker.start()["environment"]["platform"] == "cpu":  # PyTorch runs on the CPU
+                workers.append(worker("torch", problem, Path(weights_dir), warmup, cpus))
+            raw = run_interleaved(workers, repeats)
+        finally:
+            jax_worker.stop()
+    summary = {side: _summary(raw[side], tokens) for side in raw}
+    jax_setup = raw["jax"]["setup"]
+    if jax_setup["peak_flops"]:
+        summary["jax"]["mfu"] = summary["jax"]["tokens_per_second"] * jax_setup["flops_per_token"] / jax_setup["peak_flops"]
+    if raw["jax"]["memory"]["peak_device_memory_mb"] is not None:
+        summary["jax"]["peak_device_memory_mb"] = raw["jax"]["memory"]["peak_device_memory_mb"]
+    train = {f"{side}_{key}": value for side in summary for key, value in summary[side].items()}
+    environment = dict(jax_setup["environment"])
+    if "torch" in raw:
+        train["ratio"] = summary["jax"]["tokens_per_second"] / summary["torch"]["tokens_per_second"]
+        environment.update(raw["torch"]["setup"]["environment"])
+    environment["processor"] = platform.processor() or platform.machine()
     return {
         "benchmark": "train",
-        "environment": {
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "jax": jax_setup["jax"], "device": jax_setup["device"], "xla_flags": jax_setup["xla_flags"],
-            "torch": torch_setup["torch"], "transformers": torch_setup["transformers"],
-            "torch_threads": torch_setup["torch_threads"], "torch_attention": torch_setup["torch_attention"],
-        },
+        "environment": environment,
         "results": {"train": train},
-        "settings": {"problem": problem, "tokens_per_step": tokens, "repeats": repeats, "warmup_steps": warmup,
-                     "dtype": "float32", "interleaved": True},
+        "settings": {"preset": preset, "problem": problem, "tokens_per_step": tokens,
+                     "flops_per_token": jax_setup["flops_per_token"], "repeats": repeats, "untimed_steps": warmup,
+                     "interleaved": "torch" in raw, "cpus": cpus or None,
+                     "step_seconds": {side: raw[side]["seconds"] for side in raw}},
     }
 
 
 def format_results(doc: dict) -> str:
-    train, problem = doc["results"]["train"], doc["settings"]["problem"]
-    rows = [f"problem: {problem['batch_size']} x {problem['seq_len']} tokens, vocabulary {problem['vocab_size']}, "
-            f"hidden {problem['hidden_size']}, {problem['num_hidden_layers']} layers; float32; "
-            f"median of {doc['settings']['repeats']} interleaved steps",
-            f"{'side':<8}{'tokens/s':>10}{'step s':>9}{'peak MB':>9}{'steps MB':>10}{'first loss':>12}"]
-    for side in SIDES:
-        window = train[f"{side}_steps_peak_rss_mb"]
+    train, settings = doc["results"]["train"], doc["settings"]
+    p = settings["problem"]
+    sides = [s for s in SIDES if f"{s}_tokens_per_second" in train]
+    rows = [(f"train/{settings['preset']}: {p['batch_size']} x {p['seq_len']} tokens, vocabulary {p['vocab_size']}, "
+             f"hidden {p['hidden_size']}, {p['num_hidden_layers']} layers, {p['dtype']}"
+             f"{', LoRA' if p['lora'] else ''}; median of {settings['repeats']} steps"
+             f"{' (interleaved)' if settings['interleaved'] else ''}"),
+            f"{'side':<8}{'tokens/s':>10}{'step s':>9}{'cpu s':>8}{'peak MB':>9}{'first loss':>12}{'1st step s':>12}"]
+    for side in sides:
         rows.append(f"{side:<8}{train[f'{side}_tokens_per_second']:>10.0f}{train[f'{side}_step_seconds']:>9.3f}"
-                    f"{train[f'{side}_peak_rss_mb']:>9.0f}{'-' if window is None else f'{window:.0f}':>10}"
-                    f"{train[f'{side}_first_loss']:>12.5f}")
+                    f"{train[f'{side}_step_cpu_seconds']:>8.2f}{train[f'{side}_peak_rss_mb']:>9.0f}"
+                    f"{train[f'{side}_first_loss']:>12.5f}{train[f'{side}_first_step_seconds']:>12.1f}")
+    if "jax_mfu" in train:
+        rows.append(f"jax MFU {train['jax_mfu']:.1%}" + (f", peak device memory {train['jax_peak_device_memory_mb']:.0f} MB"
+                                                          if "jax_peak_device_memory_mb" in train else ""))
     env = doc["environment"]
-    rows.append(f"jax / torch tokens/s: x{train['ratio']:.2f} (torch {env['torch_threads']} threads, "
-                f"{env['torch_attention']} attention; XLA_FLAGS={env['xla_flags'] or '(none)'})")
+    if "ratio" in train:
+        rows.append(f"jax / torch tokens/s: x{train['ratio']:.2f} (torch: {env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}, "
+                    f"{env['torch_attention']} attention)")
+    rows.append(f"XLA_FLAGS={env.get('xla_flags') or '(not set)'}" + (f"; pinned to CPUs {settings['cpus']}"
+                                                                       if settings["cpus"] else ""))
     return "\n".join(rows)
 
 
