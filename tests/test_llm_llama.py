@@ -11,13 +11,13 @@ torch = pytest.importorskip("torch", reason="the PyTorch reference needs the tes
 transformers = pytest.importorskip("transformers")
 
 
-def save_tiny_llama(folder, tie=False, seed=0):
+def save_tiny_llama(folder, tie=False, seed=0, rope=None):
     """A randomly initialised transformers LLaMA with GQA and 3 layers, saved as safetensors."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=97, hidden_size=48, intermediate_size=112, num_hidden_layers=3, num_attention_heads=6,
         num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=5000.0, max_position_embeddings=64,
-        tie_word_embeddings=tie,
+        tie_word_embeddings=tie, **({"rope_parameters": rope} if rope else {}),
     )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # non-trivial norm weights, so a mistake in their import would show
@@ -218,3 +218,24 @@ def test_long_packed_sequences_match_torch_across_attention_blocks(tmp_path):
     positions = jnp.asarray(list(range(150)) + list(range(170)))[None]
     got = np.asarray(model(packed, positions, segments))[0, 150:]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_rope_scaling_matches_torch_and_survives_export(tmp_path):
+    from recranker_jax.llm.hf_export import export_hf
+
+    reference = save_tiny_llama(tmp_path / "in", rope={"rope_type": "linear", "factor": 4.0, "rope_theta": 5000.0})
+    model = load_hf_llama(tmp_path / "in")
+    assert model.config.rope_scaling_factor == 4.0
+    tokens = np.random.default_rng(9).integers(0, 97, (1, 40))
+    with torch.no_grad():
+        want = reference(torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), want, atol=1e-4, rtol=1e-4)
+    export_hf(model, tmp_path / "out")
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(torch.from_numpy(tokens)).logits.numpy(), want, atol=1e-5)
+    config = json.loads((tmp_path / "in" / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5000.0}
+    (tmp_path / "in" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RecRankerError, match="rope scaling .*yarn.* is not supported; expected none or rope_type 'linear'"):
+        load_hf_llama(tmp_path / "in")

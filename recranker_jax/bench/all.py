@@ -7,7 +7,8 @@ Sizes (named so that files from different machines compare like with like):
 - train/<preset>: one training step of a LLaMA-architecture model on random tokens:
   `quickstart` (the CPU model, float32) or `7b-lora` (LLaMA-2 7B shapes, random weights,
   LoRA q,v r8, bfloat16, 2 x 2048 tokens, remat; for accelerators), with tokens/s and MFU
-  where the device's peak is known; on the CPU also the PyTorch reference;
+  where the device's peak is known; on the CPU also the PyTorch reference (when torch is
+  installed, as in the test extra);
 - rank/quickstart: seconds per scored candidate of the prefix-cached scorers and of
   generate-and-parse on the quickstart run's tuned model.
 """
@@ -23,8 +24,11 @@ PARTS = ("retrieval", "train", "rank")
 
 
 def bench_all(cfg: Config, parts: Sequence[str] = PARTS, train_preset: str = "auto", repeats: int = 3) -> dict:
+    import importlib.util
+
     from recranker_jax.bench.hardware import environment
 
+    torch = importlib.util.find_spec("torch") is not None  # the PyTorch references only where installed
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise RecRankerError(f"--only {','.join(unknown)}: expected some of {', '.join(PARTS)}")
@@ -33,7 +37,8 @@ def bench_all(cfg: Config, parts: Sequence[str] = PARTS, train_preset: str = "au
     if "retrieval" in parts:
         from recranker_jax.bench.retrieval import bench_retrieval
 
-        doc = bench_retrieval(cfg, repeats=repeats)
+        variants = ("jax-dense", "jax-edges", "torch-sparse") if torch else ("jax-dense", "jax-edges")
+        doc = bench_retrieval(cfg, repeats=repeats, variants=variants)
         for variant, r in doc["results"].items():
             results[f"retrieval/quickstart/{variant}"] = {"epoch_seconds": r["epoch_seconds"],
                                                           "rank_seconds": r["rank_seconds"],
@@ -46,7 +51,7 @@ def bench_all(cfg: Config, parts: Sequence[str] = PARTS, train_preset: str = "au
             import jax
 
             preset = "quickstart" if jax.default_backend() == "cpu" else "7b-lora"
-        doc = bench_train(cfg, repeats=max(repeats, 3), preset=preset)
+        doc = bench_train(cfg, repeats=max(repeats, 5), preset=preset, compare_torch=torch)
         results[f"train/{preset}"] = {k: v for k, v in doc["results"]["train"].items() if isinstance(v, (int, float))}
         settings["train"] = doc["settings"]
     if "rank" in parts:

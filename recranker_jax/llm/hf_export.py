@@ -23,7 +23,11 @@ from recranker_jax.parallel import is_primary, to_host
 
 def hf_config(model: Llama) -> dict:
     cfg = model.config
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and k != "rope_theta"}
+    values = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if v is not None and k not in ("rope_theta", "rope_scaling_factor")}
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling_factor != 1.0:
+        rope = {"rope_theta": cfg.rope_theta, "rope_type": "linear", "factor": cfg.rope_scaling_factor}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -31,7 +35,7 @@ def hf_config(model: Llama) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "rope_theta": cfg.rope_theta,  # read by older transformers
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "rope_parameters": rope,
         "head_dim": cfg.head_size,
         "torch_dtype": "float32",
         **values,

@@ -58,6 +58,7 @@ class LlamaConfig:
     num_key_value_heads: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0  # Hugging Face "linear" rope scaling: positions / factor
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     head_dim: int | None = None
@@ -68,14 +69,16 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any], source: str = "config.json") -> LlamaConfig:
-        """From a Hugging Face config.json dict; refuses other architectures and rope scaling."""
+        """From a Hugging Face config.json dict; refuses other architectures and rope scaling
+        other than "linear"."""
         model_type = config.get("model_type")
         if model_type != "llama":
             raise RecRankerError(f"{source}: model_type {model_type!r} is not supported; expected 'llama'")
         rope = dict(config.get("rope_parameters") or {})  # transformers >= 5 keeps rope_theta here
         scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling:
-            raise RecRankerError(f"{source}: rope scaling {scaling} is not supported yet")
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind not in ("default", "linear"):
+            raise RecRankerError(f"{source}: rope scaling {scaling} is not supported; expected none or rope_type 'linear'")
         for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             if config.get(key, supported) != supported:
                 raise RecRankerError(f"{source}: {key}={config[key]!r} is not supported; expected {supported!r}")
@@ -83,6 +86,8 @@ class LlamaConfig:
         values = {k: config[k] for k in names if config.get(k) is not None}
         if "rope_theta" in rope and "rope_theta" not in values:
             values["rope_theta"] = float(rope["rope_theta"])
+        if kind == "linear":
+            values["rope_scaling_factor"] = float(scaling["factor"])
         values.setdefault("num_key_value_heads", config["num_attention_heads"])
         missing = [k for k in names[:6] if k not in values]
         if missing:
@@ -101,11 +106,11 @@ class RMSNorm(nnx.Module):
         return (self.weight[...].astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rotary(x: jax.Array, positions: jax.Array, theta: float, factor: float = 1.0) -> jax.Array:
     """Rotary embedding of x [B, T, H, D] at positions [B, T], Hugging Face's rotate-half layout."""
     half = x.shape[-1] // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1]))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    angles = positions[..., None].astype(jnp.float32) / factor * inv_freq  # [B, T, D/2]
     cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
     sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -135,6 +140,7 @@ class Attention(nnx.Module):
         self.q_proj, self.k_proj = _linear(d, h * hd, rngs, precision), _linear(d, kv * hd, rngs, precision)
         self.v_proj, self.o_proj = _linear(d, kv * hd, rngs, precision), _linear(h * hd, d, rngs, precision)
         self.heads, self.kv_heads, self.head_size, self.theta = h, kv, hd, cfg.rope_theta
+        self.rope_factor = cfg.rope_scaling_factor
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache | None = None, start: jax.Array | int = 0
@@ -142,8 +148,8 @@ class Attention(nnx.Module):
         """With a cache, this call's keys / values are written at `start` and the queries attend
         to everything cached (`mask` is then [B, T, S_max])."""
         batch, length, _ = x.shape
-        q = rotary(self.q_proj(x).reshape(batch, length, self.heads, self.head_size), positions, self.theta)
-        k = rotary(self.k_proj(x).reshape(batch, length, self.kv_heads, self.head_size), positions, self.theta)
+        q = rotary(self.q_proj(x).reshape(batch, length, self.heads, self.head_size), positions, self.theta, self.rope_factor)
+        k = rotary(self.k_proj(x).reshape(batch, length, self.kv_heads, self.head_size), positions, self.theta, self.rope_factor)
         v = self.v_proj(x).reshape(batch, length, self.kv_heads, self.head_size)
         if cache is not None:
             k = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, start, 0, 0))
