@@ -2,7 +2,7 @@
 against generate-and-parse (the reference's way), on the same tuned model and prompts.
 
 Uses a run whose finetune stage has finished (it runs the missing stages first). Both modes
-score the same users' pointwise, pairwise and listwise prompts; each is timed after one
+score the same users' pointwise, pairwise and listwise prompts; each task is timed after one
 warm-up pass on the same inputs (compilation), and an item is one (user, candidate).
 """
 
@@ -41,34 +41,34 @@ def bench_rank(cfg: Config, users: int = 32, repeats: int = 1) -> dict:
         ranker = Ranker(dataclasses.replace(cfg, rank=dataclasses.replace(cfg.rank, mode=mode)),
                         finetune_dir / "model", max_rating, titles)
 
-        def score_all() -> None:
-            for task in prompts:
-                groups = [prompts[task][u] for u in chosen]
-                if task == "pointwise":
-                    ranker.pointwise(groups)
-                elif task == "pairwise":
-                    ranker.pairwise(groups)
-                else:
-                    ranker.listwise([g[0] for g in groups])
+        def score(task: str) -> None:
+            groups = [prompts[task][u] for u in chosen]
+            if task == "pointwise":
+                ranker.pointwise(groups)
+            elif task == "pairwise":
+                ranker.pairwise(groups)
+            else:
+                ranker.listwise([g[0] for g in groups])
 
-        score_all()  # warm-up: compilation
-        seconds = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            score_all()
-            seconds.append(time.perf_counter() - started)
-        median = statistics.median(seconds)
-        results[mode] = {"seconds_per_item": median / items, "items_per_second": items / median}
+        per_task = {}
+        for task in sorted(prompts):
+            score(task)  # warm-up: compilation
+            seconds = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                score(task)
+                seconds.append(time.perf_counter() - started)
+            per_task[task] = statistics.median(seconds)
+        total = sum(per_task.values())
+        results[mode] = {"seconds_per_item": total / items, "items_per_second": items / total,
+                         **{f"{task}_seconds_per_item": s / items for task, s in per_task.items()}}
     return {
         "environment": environment(),
         "settings": {"run": str(run_dir), "users": len(chosen), "items": items, "tasks": sorted(prompts),
                      "repeats": repeats, "batch_size": cfg.rank.batch_size, "generate_tokens": cfg.rank.generate_tokens,
                      "dtype": cfg.model.dtype},
         "results": {"rank": {
-            "scores_seconds_per_item": results["scores"]["seconds_per_item"],
-            "scores_items_per_second": results["scores"]["items_per_second"],
-            "generate_seconds_per_item": results["generate"]["seconds_per_item"],
-            "generate_items_per_second": results["generate"]["items_per_second"],
+            **{f"{mode}_{key}": value for mode, r in results.items() for key, value in r.items()},
             "speedup": results["generate"]["seconds_per_item"] / results["scores"]["seconds_per_item"],
         }},
     }
@@ -76,10 +76,12 @@ def bench_rank(cfg: Config, users: int = 32, repeats: int = 1) -> dict:
 
 def format_results(doc: dict) -> str:
     r, s = doc["results"]["rank"], doc["settings"]
-    return "\n".join([
-        f"{s['users']} users, {s['items']} candidates, tasks {', '.join(s['tasks'])}; median of {s['repeats']} after a warm-up",
-        f"{'mode':<28}{'s / item':>12}{'items / s':>12}",
-        f"{'scores (prefix-cached)':<28}{r['scores_seconds_per_item']:>12.5f}{r['scores_items_per_second']:>12.1f}",
-        f"{'generate + parse':<28}{r['generate_seconds_per_item']:>12.5f}{r['generate_items_per_second']:>12.1f}",
-        f"generate / scores: x{r['speedup']:.1f} seconds per item",
-    ])
+    rows = [f"{s['users']} users, {s['items']} candidates; per task, median of {s['repeats']} after a warm-up",
+            f"{'seconds per candidate':<24}{'scores':>10}{'generate':>10}{'ratio':>8}"]
+    for task in [*s["tasks"], None]:
+        key = f"{task}_seconds_per_item" if task else "seconds_per_item"
+        scored, generated = r[f"scores_{key}"], r[f"generate_{key}"]
+        rows.append(f"{task or 'all tasks':<24}{scored:>10.5f}{generated:>10.5f}{generated / scored:>7.1f}x")
+    rows.append(f"generate / scores: x{r['speedup']:.1f} seconds per item (items/s: scores "
+                f"{r['scores_items_per_second']:.1f}, generate {r['generate_items_per_second']:.1f})")
+    return "\n".join(rows)

@@ -244,7 +244,7 @@ class Llama(nnx.Module):
 
     def extend(
         self, tokens: jax.Array, cache: KVCache, start: jax.Array | int,
-        positions: jax.Array | None = None, key_valid: jax.Array | None = None,
+        positions: jax.Array | None = None, key_valid: jax.Array | None = None, logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Logits of `tokens` [B, T] written into cache slots start..start+T-1, and the cache
         with their keys and values added. A prompt prefix run once can be broadcast to a
@@ -254,6 +254,8 @@ class Llama(nnx.Module):
         Padded batches pass `positions` [B, T] (each row's own token positions) and
         `key_valid` [B, S_max] (the slots holding real tokens, these included): a query
         attends to valid slots at or before its own, so padding anywhere is ignored.
+        `logits_at` [B] (optional): only that position's logits, [B, 1, V] (the output head
+        over a long vocabulary is the costliest part of scoring one next token).
         """
         batch, length = tokens.shape
         slots = start + jnp.arange(length)
@@ -268,6 +270,8 @@ class Llama(nnx.Module):
         for layer, layer_cache in zip(self.layers, cache.layers):
             x, layer_cache = layer(x, positions, mask, layer_cache, start)
             layers.append(layer_cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         return self.head(x), KVCache(layers)
 
 

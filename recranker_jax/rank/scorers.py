@@ -121,16 +121,16 @@ def answer_tokens(tokenizer, answers: Sequence[str]) -> AnswerTokens:
 @nnx.jit
 def _prefill(model: Llama, tokens, cache: KVCache, positions, key_valid):
     """Run left-padded prompts from slot 0; returns (cache, log-probs after the last token)."""
-    logits, cache = model.extend(tokens, cache, 0, positions, key_valid)
-    return cache, jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+    last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
+    logits, cache = model.extend(tokens, cache, 0, positions, key_valid, logits_at=last)
+    return cache, jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
 
 
 @nnx.jit
 def _next_token_logprobs(model: Llama, tokens, cache: KVCache, start, positions, key_valid, last):
     """Log-probabilities of the token after position `last` [R] of right-padded rows."""
-    logits, _ = model.extend(tokens, cache, start, positions, key_valid)
-    picked = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-    return jax.nn.log_softmax(picked.astype(jnp.float32), axis=-1)
+    logits, _ = model.extend(tokens, cache, start, positions, key_valid, logits_at=last)
+    return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
 
 
 @nnx.jit
