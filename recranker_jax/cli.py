@@ -235,17 +235,22 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_results(doc: dict, format_results, out: str | None) -> int:
+    """Print a benchmark's table and, with --out, write its document as JSON."""
+    print(format_results(doc))
+    if out:
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"results written to {out}")
+    return 0
+
+
 def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     from recranker_jax.bench.retrieval import bench_retrieval, format_results
 
     if args.repeats < 1:
         raise RecRankerError(f"--repeats {args.repeats}: expected a positive integer")
     doc = bench_retrieval(load_config(args.config, args.overrides), repeats=args.repeats)
-    print(format_results(doc))
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"results written to {args.out}")
-    return 0
+    return _show_results(doc, format_results, args.out)
 
 
 def cmd_bench_all(args: argparse.Namespace) -> int:
@@ -264,11 +269,7 @@ def cmd_bench_rank(args: argparse.Namespace) -> int:
     from recranker_jax.bench.rank import bench_rank, format_results
 
     doc = bench_rank(load_config(args.config, args.overrides), users=args.users, repeats=args.repeats)
-    print(format_results(doc))
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"results written to {args.out}")
-    return 0
+    return _show_results(doc, format_results, args.out)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
@@ -276,11 +277,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     doc = bench_train(load_config(args.config, args.overrides), repeats=args.repeats, preset=args.preset,
                       warmup=args.warmup, compare_torch=not args.no_torch, cpus=args.cpus)
-    print(format_results(doc))
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"results written to {args.out}")
-    return 0
+    return _show_results(doc, format_results, args.out)
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:

@@ -95,14 +95,16 @@ def test_sharded_training_matches_one_device(shape):
     assert kernel.addressable_shards[0].data.shape == (32 // shape[1], 64 // shape[2])
 
 
+def fresh():
+    """A new model and optimizer, as a restarted process would build them."""
+    model = Llama(CFG, nnx.Rngs(1))
+    return model, nnx.Optimizer(model, make_optimizer(5e-3, 2, 6), wrt=nnx.Param)
+
+
 def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path):
     from recranker_jax.train.loop import train
 
     rows = pack(examples(60, seed=4), 32)
-
-    def fresh():
-        model = Llama(CFG, nnx.Rngs(1))
-        return model, nnx.Optimizer(model, make_optimizer(5e-3, 2, 6), wrt=nnx.Param)
 
     model, optimizer = fresh()
     straight, _ = train(model, optimizer, rows, batch_size=4, steps=6, seed=0, progress=False)
@@ -142,10 +144,6 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     from recranker_jax.train.loop import train
 
     rows = pack(examples(60, seed=4), 32)
-
-    def fresh():
-        model = Llama(CFG, nnx.Rngs(1))
-        return model, nnx.Optimizer(model, make_optimizer(5e-3, 2, 6), wrt=nnx.Param)
 
     model, optimizer = fresh()
     straight, _ = train(model, optimizer, rows, batch_size=4, steps=6, seed=0, progress=False)

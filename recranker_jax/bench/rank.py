@@ -9,7 +9,6 @@ warm-up pass on the same inputs (compilation), and an item is one (user, candida
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 
@@ -21,9 +20,8 @@ def bench_rank(cfg: Config, users: int = 32, repeats: int = 1) -> dict:
     from recranker_jax.bench.hardware import environment
     from recranker_jax.data.split import load_split
     from recranker_jax.pipeline import finetune_stage
-    from recranker_jax.prompts.render import quote
     from recranker_jax.prompts.stage import read_candidates
-    from recranker_jax.rank.stage import Ranker, read_prompts
+    from recranker_jax.rank.stage import load_ranker, read_prompts
 
     if users < 1 or repeats < 1:
         raise RecRankerError(f"--users {users} / --repeats {repeats}: expected positive integers")
@@ -34,21 +32,13 @@ def bench_rank(cfg: Config, users: int = 32, repeats: int = 1) -> dict:
     prompts = read_prompts(run_dir / "instructions" / "test.jsonl", data, candidates)
     chosen = sorted(set.intersection(*(set(prompts[t]) for t in prompts)))[:users]
     items = sum(len(candidates[u]) for u in chosen)
-    max_rating = int(json.loads((run_dir / "instructions" / "stats.json").read_text())["max_rating"])
-    titles = [quote(str(t)) for t in data.items["title"]]
     results = {}
     for mode in ("scores", "generate"):
-        ranker = Ranker(dataclasses.replace(cfg, rank=dataclasses.replace(cfg.rank, mode=mode)),
-                        finetune_dir / "model", max_rating, titles)
+        mode_cfg = dataclasses.replace(cfg, rank=dataclasses.replace(cfg.rank, mode=mode))
+        ranker = load_ranker(mode_cfg, data, run_dir / "instructions", finetune_dir)
 
         def score(task: str) -> None:
-            groups = [prompts[task][u] for u in chosen]
-            if task == "pointwise":
-                ranker.pointwise(groups)
-            elif task == "pairwise":
-                ranker.pairwise(groups)
-            else:
-                ranker.listwise([g[0] for g in groups])
+            ranker.score(task, [prompts[task][u] for u in chosen])
 
         per_task = {}
         for task in sorted(prompts):

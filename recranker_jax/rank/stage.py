@@ -74,7 +74,7 @@ def read_prompts(path: Path, data: SplitData, candidates: list[list[int]]) -> di
         if sorted(records[0]["_items"]) != sorted(candidates[user]):
             raise RecRankerError(
                 f"{path}: the listwise prompt of user {records[0]['user_id']} shows {len(records[0]['_items'])} "
-                f"candidates, expected the {len(candidates[user])} of retrieval/{CANDIDATE_FILES.get('test')}"
+                f"candidates, expected this run's {len(candidates[user])} retrieval candidates"
             )
     return by_task
 
@@ -121,6 +121,14 @@ class Ranker:
         unreadable = float(np.mean(answers < 0)) if len(answers) else 0.0
         return np.split(answers, np.cumsum([len(g) for g in groups])[:-1]), unreadable
 
+    def score(self, task: str, groups: list[list[dict]]) -> tuple[list[np.ndarray], float]:
+        """One task's per-user answers for these users' prompt groups, and its unreadable rate."""
+        if task == "pointwise":
+            return self.pointwise(groups)
+        if task == "pairwise":
+            return self.pairwise(groups)
+        return self.listwise([g[0] for g in groups])
+
     def listwise(self, records: list[dict]) -> tuple[list[np.ndarray], float]:
         """Per user, the 1-based place of each shown candidate (0 = not in the answer)."""
         top = self.cfg.rank.list_positions
@@ -136,6 +144,13 @@ class Ranker:
                   for r in records]
         positions = scorers.listwise_rankings(self.model, contexts, pieces, top, self.batch)
         return [positions[u, : len(r["_items"])] for u, r in enumerate(records)], 0.0
+
+
+def load_ranker(cfg: Config, data: SplitData, instructions_dir: Path, finetune_dir: Path) -> Ranker:
+    """The run's tuned model with its rating scale and quoted titles."""
+    stats = json.loads((instructions_dir / "stats.json").read_text())
+    titles = [quote(str(t)) for t in data.items["title"]]
+    return Ranker(cfg, finetune_dir / "model", int(stats["max_rating"]), titles)
 
 
 def rank_split(cfg: Config, ranker: Ranker, data: SplitData, candidates: list[list[int]], prompts: dict,
@@ -159,14 +174,13 @@ def rank_split(cfg: Config, ranker: Ranker, data: SplitData, candidates: list[li
         users = [u for u in scored if prompts.get(task, {}).get(u)]
         groups = [prompts[task][u] for u in users]
         started = time.perf_counter()
+        values, unreadable = ranker.score(task, groups)
         if task == "pointwise":
-            values, unreadable = ranker.pointwise(groups)
             for u, g, v in zip(users, groups, values):
                 for record, value in zip(g, v):
                     rating[u, position[(u, record["_items"][0])]] = value
             rates[task] = {"unreadable": unreadable, "inconsistent": None}
         elif task == "pairwise":
-            values, unreadable = ranker.pairwise(groups)
             inconsistent = []
             for u, g, v in zip(users, groups, values):
                 for record, value in zip(g, v):
@@ -178,9 +192,7 @@ def rank_split(cfg: Config, ranker: Ranker, data: SplitData, candidates: list[li
                 inconsistent.extend(((both >= 0).all(axis=1) & (both[:, 0] == both[:, 1])).tolist())
             rates[task] = {"unreadable": unreadable, "inconsistent": float(np.mean(inconsistent)) if inconsistent else None}
         else:
-            records = [g[0] for g in groups]
-            values, unreadable = ranker.listwise(records)
-            for u, record, v in zip(users, records, values):
+            for u, record, v in zip(users, [g[0] for g in groups], values):
                 for item, place in zip(record["_items"], v):
                     places[u, position[(u, item)]] = place
             rates[task] = {"unreadable": unreadable, "inconsistent": None}
@@ -215,9 +227,7 @@ def build_ranking(cfg: Config, data_dir: Path, retrieval_dir: Path, instructions
                   out: Path) -> dict:
     check_config(cfg)
     data = load_split(data_dir)
-    stats = json.loads((instructions_dir / "stats.json").read_text())
-    titles = [quote(str(t)) for t in data.items["title"]]
-    ranker = Ranker(cfg, finetune_dir / "model", int(stats["max_rating"]), titles)
+    ranker = load_ranker(cfg, data, instructions_dir, finetune_dir)
     item_ids = data.items["item_id"].astype(str).to_numpy()
     document = {"mode": cfg.rank.mode, "users": cfg.rank.users, "splits": {}}
     for split in cfg.rank.splits:
