@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="training-step tokens/s and peak memory: JAX vs transformers' PyTorch LlamaForCausalLM (CPU)"
     )
     _add_common(bench_train, default_config="quickstart")
-    bench_train.add_argument("--preset", default="quickstart", choices=["quickstart", "7b-lora", "config"],
+    bench_train.add_argument("--preset", default="quickstart", choices=["quickstart", "quickstart-answers", "7b-lora", "config"],
                              help="problem size: quickstart (default; the CPU model), 7b-lora (accelerators, JAX only), "
                                   "or config (the config's model and train sections)")
     bench_train.add_argument("--repeats", type=int, default=5, help="timed steps per side, interleaved (median)")

@@ -5,7 +5,10 @@ Problems (`PRESETS`; fixed sizes, so that result files from different machines c
 
 - quickstart (default): the quickstart's CPU model: hidden 128, intermediate 344, 2 layers,
   4 heads, 2 KV heads, tied embeddings, vocabulary 4096; 4 rows x 1152 tokens; float32;
-  every parameter trained.
+  every parameter trained; the loss over every position (a language model's).
+- quickstart-answers: the same with the finetune's loss, on answer tokens only (rows of
+  384-token examples ending in a 32-token answer, like the packed quickstart instructions):
+  the JAX step runs the output head only there, PyTorch gets `labels` of -100 elsewhere.
 - 7b-lora: LLaMA-2 7B shapes (random weights), LoRA r8 on q, v; bfloat16; 2 x 2048 tokens;
   remat. For accelerators; JAX only.
 - config: the run config's model (`model.*`, or `model.checkpoint`'s shape with random
@@ -14,8 +17,8 @@ Problems (`PRESETS`; fixed sizes, so that result files from different machines c
 
 Both sides get random tokens (one batch, reused every step) and start from the same weights
 (the JAX initialisation, written with `export_hf`, read with `from_pretrained`). They train
-with the same loss, the mean next-token cross-entropy over every position but the last (the
-finetune loss with an all-ones answer mask and one segment per row), and the same optimizer:
+with the same loss, the mean next-token cross-entropy over the scored positions (the finetune
+loss, one segment per row), and the same optimizer:
 global-norm clipping, then AdamW with the finetune warmup + cosine schedule. JAX runs
 `train.step.train_step`; PyTorch runs forward with `labels=`, backward, `clip_grad_norm_`,
 `AdamW.step` with `sdpa` attention (transformers' default; `eager` measured ~3x slower here).
@@ -57,15 +60,20 @@ PRESETS: dict[str, dict] = {
         "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "tie_word_embeddings": True,
         "seq_len": 1152, "batch_size": 4, "dtype": "float32", "param_dtype": "float32", "remat": False,
-        "lora": None, **_OPTIMIZER, "seed": 0,
+        "lora": None, **_OPTIMIZER, "seed": 0, "loss": "all",
     },
     "7b-lora": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0, "tie_word_embeddings": False,
         "seq_len": 2048, "batch_size": 2, "dtype": "bfloat16", "param_dtype": "bfloat16", "remat": True,
         "lora": {"targets": ["q", "v"], "rank": 8, "alpha": 16.0}, **_OPTIMIZER, "lr": 1e-4, "seed": 0,
+        "loss": "all",
     },
 }
+PRESETS["quickstart-answers"] = {**PRESETS["quickstart"], "loss": "answers"}
+# "answers": rows of 384-token examples whose last 32 tokens are the answer (like the quickstart's
+# packed instruction rows: ~3 examples and 33 answer tokens per row on average, 118 at most)
+EXAMPLE_TOKENS, ANSWER_TOKENS = 384, 32
 
 
 # ----------------------------------------------------------------------------- the problem
@@ -90,7 +98,7 @@ def problem_from_config(cfg: Config, preset: str = "quickstart") -> dict:
                    "param_dtype": m.param_dtype, "remat": t.remat,
                    "lora": {"targets": list(lora.targets), "rank": lora.rank, "alpha": lora.alpha} if lora.enabled else None,
                    "lr": t.lr, "warmup_steps": t.warmup_steps, "total_steps": t.steps,
-                   "weight_decay": t.weight_decay, "clip_norm": t.clip_norm, "seed": cfg.run.seed}
+                   "weight_decay": t.weight_decay, "clip_norm": t.clip_norm, "seed": cfg.run.seed, "loss": "all"}
     else:
         raise RecRankerError(f"bench train: preset {preset!r}: expected one of {', '.join([*PRESETS, 'config'])}")
     problem["max_position_embeddings"] = max(problem.get("max_position_embeddings") or 0, problem["seq_len"])
@@ -122,6 +130,20 @@ def random_tokens(problem: dict):
     return rng.integers(0, problem["vocab_size"], (problem["batch_size"], problem["seq_len"])).astype(np.int32)
 
 
+def loss_mask(problem: dict):
+    """[B, T] 1 where the next token is scored: every position but the last (`loss` "all", the
+    language-model loss), or ("answers") only the answer tokens of instruction examples."""
+    import numpy as np
+
+    length = problem["seq_len"]
+    mask = np.ones((problem["batch_size"], length), np.int32)
+    if problem.get("loss", "all") == "answers":
+        scored = (np.arange(length) + 1) % EXAMPLE_TOKENS >= EXAMPLE_TOKENS - ANSWER_TOKENS  # token t+1 is an answer
+        mask = mask * scored[None].astype(np.int32)
+    mask[:, -1] = 0  # the last position has no next token (Hugging Face's shifted labels)
+    return mask
+
+
 def _llama_config(problem: dict):
     from recranker_jax.llm.llama import LlamaConfig
 
@@ -138,6 +160,7 @@ def jax_side(problem: dict, weights_dir: Path | None = None):
     from flax import nnx
 
     from recranker_jax.llm.llama import Llama
+    from recranker_jax.train.packing import answer_capacity, batch_arrays
     from recranker_jax.train.step import make_optimizer, place_batch, train_step
 
     model = Llama(_llama_config(problem), nnx.Rngs(problem["seed"]), problem["dtype"], problem["param_dtype"],
@@ -158,11 +181,9 @@ def jax_side(problem: dict, weights_dir: Path | None = None):
                               problem["clip_norm"]), wrt=wrt)
     tokens = random_tokens(problem)
     rows, length = tokens.shape
-    loss_mask = np.ones_like(tokens)
-    loss_mask[:, -1] = 0  # the last position has no next token (Hugging Face's shifted labels)
-    batch = place_batch({"tokens": tokens, "loss_mask": loss_mask, "segment_ids": np.ones_like(tokens),
-                         "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()},
-                        None, {})
+    mask = loss_mask(problem)
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
+    batch = place_batch(batch_arrays(tokens, mask, np.ones_like(tokens), positions, answer_capacity(mask)), None, {})
 
     def step() -> float:
         return float(train_step(model, optimizer, batch))
@@ -186,9 +207,12 @@ def torch_side(problem: dict, weights_dir: Path, attention: str = TORCH_ATTENTIO
                                   weight_decay=problem["weight_decay"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, problem) / problem["lr"])
     ids = torch.from_numpy(random_tokens(problem).astype("int64"))
+    labels = ids.clone()  # -100: not scored; the model shifts labels by one itself
+    labels[:, 0] = -100
+    labels[:, 1:][torch.from_numpy(loss_mask(problem)[:, :-1]) == 0] = -100
 
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, problem["clip_norm"])
         optimizer.step()
@@ -409,7 +433,7 @@ def format_results(doc: dict) -> str:
     sides = [s for s in SIDES if f"{s}_tokens_per_second" in train]
     rows = [(f"train/{settings['preset']}: {p['batch_size']} x {p['seq_len']} tokens, vocabulary {p['vocab_size']}, "
              f"hidden {p['hidden_size']}, {p['num_hidden_layers']} layers, {p['dtype']}"
-             f"{', LoRA' if p['lora'] else ''}; median of {settings['repeats']} steps"
+             f"{', LoRA' if p['lora'] else ''}{', loss on answer tokens' if p.get('loss') == 'answers' else ''}; median of {settings['repeats']} steps"
              f"{' (interleaved)' if settings['interleaved'] else ''}"),
             f"{'side':<8}{'tokens/s':>10}{'step s':>9}{'cpu s':>8}{'peak MB':>9}{'first loss':>12}{'1st step s':>12}"]
     for side in sides:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recranker_jax.errors import RecRankerError
+from recranker_jax.llm.attention import branch_attention, causal_attention, masked_attention
 
 
 # Logical axes of each weight, by the name of the module holding it (norms and adapters: replicated).
@@ -130,10 +131,6 @@ def _linear(in_size: int, out_size: int, rngs: nnx.Rngs, precision: Precision) -
                       param_dtype=precision.param_dtype, kernel_init=jax.nn.initializers.normal(0.02))
 
 
-# Query rows per block of cache-free (causal) attention; see Attention.__call__.
-ATTENTION_BLOCK = 128
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, precision: Precision):
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
@@ -143,39 +140,34 @@ class Attention(nnx.Module):
         self.rope_factor = cfg.rope_scaling_factor
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache | None = None, start: jax.Array | int = 0
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+        cache: LayerCache | None = None, start: jax.Array | int = 0, mask: jax.Array | None = None,
+        branches: int = 0, branch_valid: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """With a cache, this call's keys / values are written at `start` and the queries attend
-        to everything cached (`mask` is then [B, T, S_max])."""
+        """Without a cache: causal attention within `segment_ids` [B, T] (None: one segment).
+        With a cache, this call's keys / values are written at `start` and the queries attend
+        to the cached slots where `mask` [B, T, S_max] is true (no mask: a prefill, causal
+        within `segment_ids` over this call's tokens only). With `branches` R, x holds R
+        continuations of W tokens per row ([B, R*W]) that attend to the cached slots where
+        `mask` [B, S_max] is true and to their own branch (`attention.branch_attention`); the
+        cache is left as it is and the branches' own keys / values are returned instead."""
         batch, length, _ = x.shape
         q = rotary(self.q_proj(x).reshape(batch, length, self.heads, self.head_size), positions, self.theta, self.rope_factor)
         k = rotary(self.k_proj(x).reshape(batch, length, self.kv_heads, self.head_size), positions, self.theta, self.rope_factor)
         v = self.v_proj(x).reshape(batch, length, self.kv_heads, self.head_size)
-        if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), (0, start, 0, 0))
+        q = q.reshape(batch, length, self.kv_heads, self.heads // self.kv_heads, self.head_size)
+        if cache is None:
+            out = causal_attention(q, k, v, segment_ids)
+        elif branches:
+            out = branch_attention(q, k, v, cache.keys, cache.values, mask, branch_valid, branches)
             cache = LayerCache(k, v)
-        groups = self.heads // self.kv_heads
-        q = q.reshape(batch, length, self.kv_heads, groups, self.head_size)
-        if cache is not None:
-            out = self._attend(q, k, v, mask)
         else:
-            # Causal (Llama.__call__'s lower-triangular mask): a block of queries sees only the keys up
-            # to the block's end, so scoring block by block skips the masked upper triangle, about
-            # half the work and memory of the full [T, T] scores.
-            out = jnp.concatenate([
-                self._attend(q[:, s:s + ATTENTION_BLOCK], k[:, :s + ATTENTION_BLOCK], v[:, :s + ATTENTION_BLOCK],
-                             mask[:, s:s + ATTENTION_BLOCK, :s + ATTENTION_BLOCK])
-                for s in range(0, length, ATTENTION_BLOCK)
-            ], axis=1)
+            keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, start, 0, 0))
+            values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), (0, start, 0, 0))
+            cache = LayerCache(keys, values)
+            # no mask: a prefill, whose queries see only this call's tokens
+            out = causal_attention(q, k, v, segment_ids) if mask is None else masked_attention(q, keys, values, mask)
         return self.o_proj(out.reshape(batch, length, self.heads * self.head_size)), cache
-
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """q [B, T, KV, G, D], k / v [B, S, KV, D], mask [B, T, S] -> [B, T, KV, G, D]."""
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k.astype(q.dtype)).astype(jnp.float32) / jnp.sqrt(self.head_size)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
 
 
 class MLP(nnx.Module):
@@ -195,14 +187,16 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, precision.param_dtype)
         self.mlp = MLP(cfg, rngs, precision)
 
-    def __call__(self, x, positions, mask, cache: LayerCache | None = None, start: jax.Array | int = 0):
-        attended, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, start)
+    def __call__(self, x, positions, segment_ids=None, cache: LayerCache | None = None, start: jax.Array | int = 0,
+                 mask=None, branches: int = 0, branch_valid=None):
+        attended, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache, start, mask,
+                                         branches, branch_valid)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-def _block(layer: Block, x, positions, mask):
-    return layer(x, positions, mask)[0]
+def _block(layer: Block, x, positions, segment_ids):
+    return layer(x, positions, segment_ids)[0]
 
 
 _remat_block = nnx.remat(_block)
@@ -225,22 +219,31 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
         """segment_ids [B, T] (optional): packed sequences attend only within their segment."""
+        return self.head(self.hidden_states(tokens, positions, segment_ids))
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+        """The last layer's output [B, T, hidden] (before the final norm and the output head)."""
         batch, length = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        mask = jnp.tril(jnp.ones((length, length), bool))[None]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = _remat_block(layer, x, positions, mask) if self.remat else layer(x, positions, mask)[0]
-        return self.head(x)
+            x = _remat_block(layer, x, positions, segment_ids) if self.remat else layer(x, positions, segment_ids)[0]
+        return x
 
     def head(self, x: jax.Array) -> jax.Array:
+        """Logits of hidden states x [.., hidden]: the final norm, then the output head."""
         x = self.norm(x)
         if self.lm_head is None:
             return self.embed_tokens.attend(x)
         return self.lm_head(x)
+
+    def head_weight(self) -> jax.Array:
+        """The output head as a [hidden, vocab] matrix in the compute dtype (head(x) = norm(x) @ it)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T.astype(self.dtype)
+        return self.lm_head.kernel[...].astype(self.dtype)
 
     def extend(
         self, tokens: jax.Array, cache: KVCache, start: jax.Array | int,
@@ -268,10 +271,45 @@ class Llama(nnx.Module):
         x = self.embed_tokens(tokens)
         layers = []
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache = layer(x, positions, mask, layer_cache, start)
+            x, layer_cache = layer(x, positions, None, layer_cache, start, mask)
             layers.append(layer_cache)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+        return self.head(x), KVCache(layers)
+
+    def prefill(self, tokens: jax.Array, cache: KVCache, positions: jax.Array, valid: jax.Array,
+                logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """`extend` from slot 0 of an empty cache, with the cache-free causal attention (tiled on
+        the CPU, no [T, T] scores): tokens / positions / valid [B, T], padding where `valid`
+        is false (it attends to nothing real and nothing real attends to it)."""
+        x = self.embed_tokens(tokens)
+        layers = []
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x, layer_cache = layer(x, positions, valid.astype(jnp.int32), layer_cache, 0)
+            layers.append(layer_cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+        return self.head(x), KVCache(layers)
+
+    def extend_branches(
+        self, tokens: jax.Array, cache: KVCache, positions: jax.Array, cache_valid: jax.Array,
+        branch_valid: jax.Array, branches: int, logits_at: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits of `branches` continuations of every cache row, without copying the cache.
+
+        tokens / positions / branch_valid [U, R*W]: R branches of W tokens per row, flattened
+        (right-padded; `branch_valid` marks real tokens); cache_valid [U, S_max]: the cached
+        slots every branch attends to. Returns the logits [U, R*W, V] (or, with `logits_at`
+        [U, R] flat indices, [U, R, V]) and the branches' own keys / values per layer
+        ([U, R*W, KV, D]; `KVCache.commit` appends a chosen branch to the cache).
+        """
+        x = self.embed_tokens(tokens)
+        layers = []
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x, own = layer(x, positions, None, layer_cache, 0, cache_valid, branches, branch_valid)
+            layers.append(own)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         return self.head(x), KVCache(layers)
 
 
@@ -303,6 +341,15 @@ class KVCache:
     def take(self, rows: jax.Array) -> KVCache:
         """The caches of batch rows `rows` (a row may be taken several times)."""
         return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), self)
+
+    def commit(self, branches: KVCache, picks: jax.Array, width: int, start: jax.Array | int) -> KVCache:
+        """This cache with branch `picks[u]` (W = `width` tokens) of `Llama.extend_branches`'s
+        keys / values written into slots start..start+W-1 of row u."""
+        def write(cached: jax.Array, own: jax.Array) -> jax.Array:
+            rows = own.shape[0]
+            own = own.reshape(rows, -1, width, *own.shape[2:])[jnp.arange(rows), picks]  # [U, W, KV, D]
+            return jax.lax.dynamic_update_slice(cached, own.astype(cached.dtype), (0, start, 0, 0))
+        return jax.tree.map(write, self, branches)
 
 
 @nnx.jit

@@ -1,9 +1,9 @@
 """The LLM side of re-ranking: batched, prefix-cached scorers for the three RecRanker tasks.
 
 All prompts of one user and task share a prefix (instruction + history). A batch of users'
-prefixes is run once (left-padded) and its KV cache rows are gathered for every suffix
-(question, hint, "Answer:") of those users (right-padded), so a user's history is never
-recomputed. Rotary positions and attention masks follow each row's real tokens, so padded,
+prefixes is run once (left-padded) and every suffix (question, hint, "Answer:"; right-padded)
+is a branch of its user's KV cache (`Llama.extend_branches`: the cache is read in place, not
+copied per suffix), so a user's history is never recomputed. Rotary positions and attention masks follow each row's real tokens, so padded,
 cached scores equal full-sequence scores (tested).
 
 - pointwise: the expected rating under the model's distribution over the answer tokens 1..H,
@@ -14,7 +14,7 @@ cached scores equal full-sequence scores (tested).
   always a valid ranking;
 - generate: the reference's behaviour, free-text greedy decoding then parsing, for comparison.
 
-Users are batched in order of prompt length and prompt widths rounded up to powers of two
+Users are batched in order of prompt length and prompt widths rounded up to 2^n or 1.5 * 2^n
 (continuations to one width per call, batches to a fixed size), so each jitted function
 compiles a handful of times per run and little compute goes to padding.
 """
@@ -43,8 +43,9 @@ def _bucket(length: int, step: int) -> int:
 
 
 def _width(length: int) -> int:
-    """Prompt widths: powers of two from 32 (at most ~2x padding, few compilations)."""
-    return max(MIN_WIDTH, 1 << (max(length, 1) - 1).bit_length())
+    """Prompt widths: 32, 48, 64, 96, 128, 192, ... (at most ~1.5x padding, few compilations)."""
+    power = 1 << (max(length, 1) - 1).bit_length()
+    return max(MIN_WIDTH, power * 3 // 4 if power * 3 // 4 >= length else power)
 
 
 def _batches(lengths: Sequence[int], size: int, desc: str, progress: bool):
@@ -122,15 +123,15 @@ def answer_tokens(tokenizer, answers: Sequence[str]) -> AnswerTokens:
 def _prefill(model: Llama, tokens, cache: KVCache, positions, key_valid):
     """Run left-padded prompts from slot 0; returns (cache, log-probs after the last token)."""
     last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
-    logits, cache = model.extend(tokens, cache, 0, positions, key_valid, logits_at=last)
+    logits, cache = model.prefill(tokens, cache, positions, key_valid[:, : tokens.shape[1]], logits_at=last)
     return cache, jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
 
 
-@nnx.jit
-def _next_token_logprobs(model: Llama, tokens, cache: KVCache, start, positions, key_valid, last):
-    """Log-probabilities of the token after position `last` [R] of right-padded rows."""
-    logits, _ = model.extend(tokens, cache, start, positions, key_valid, logits_at=last)
-    return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
+@nnx.jit(static_argnames="branches")
+def _branch_logprobs(model: Llama, tokens, cache: KVCache, positions, cache_valid, branch_valid, branches, last):
+    """Log-probabilities [U, R, V] of the token after flat position `last` [U, R] of each branch."""
+    logits, _ = model.extend_branches(tokens, cache, positions, cache_valid, branch_valid, branches, logits_at=last)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
 @nnx.jit
@@ -138,27 +139,25 @@ def _listwise_step(model: Llama, cache: KVCache, key_valid, next_position, last_
     """One constrained decoding step for U users with k candidates each.
 
     pieces [U, k, W] / lengths [U, k]: each candidate's title tokens (right-padded). Every
-    candidate row continues its user's cache; the best not-yet-chosen title (summed token
-    log-probability) is appended. Returns the new state and the pick [U]."""
+    candidate is a branch of its user's cache (read in place); the best not-yet-chosen title
+    (summed token log-probability) is appended to the cache. Returns the new state and the pick [U]."""
     users, k, width = pieces.shape
-    rows = jnp.repeat(jnp.arange(users), k)
-    tokens = pieces.reshape(users * k, width)
-    token_valid = jnp.arange(width)[None, :] < lengths.reshape(-1)[:, None]
-    row_valid = jax.lax.dynamic_update_slice(key_valid[rows], token_valid, (0, start))
-    positions = next_position[rows][:, None] + jnp.arange(width)[None, :]
-    logits, row_cache = model.extend(tokens, cache.take(rows), start, positions, row_valid)
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    first = jnp.take_along_axis(last_logprobs[rows], tokens[:, :1], axis=1)[:, 0]
-    rest = jnp.take_along_axis(logprobs[:, :-1], tokens[:, 1:, None], axis=2)[..., 0]
-    per_token = jnp.concatenate([first[:, None], rest], axis=1)
-    score = jnp.sum(jnp.where(token_valid, per_token, 0.0), axis=1).reshape(users, k)
+    token_valid = jnp.arange(width)[None, None, :] < lengths[..., None]  # [U, k, W]
+    positions = jnp.broadcast_to(next_position[:, None, None] + jnp.arange(width), (users, k, width))
+    logits, own = model.extend_branches(pieces.reshape(users, k * width), cache, positions.reshape(users, k * width),
+                                        key_valid, token_valid.reshape(users, k * width), k)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(users, k, width, -1)
+    first = jnp.take_along_axis(last_logprobs, pieces[:, :, 0], axis=1)  # [U, k]
+    rest = jnp.take_along_axis(logprobs[:, :, :-1], pieces[:, :, 1:, None], axis=3)[..., 0]
+    per_token = jnp.concatenate([first[..., None], rest], axis=2)
+    score = jnp.sum(jnp.where(token_valid, per_token, 0.0), axis=2)
     score = jnp.where(chosen | (lengths == 0), -jnp.inf, score)
     pick = jnp.argmax(score, axis=1)
-    picked_rows = jnp.arange(users) * k + pick
-    picked_length = lengths[jnp.arange(users), pick]
-    new_last = logprobs[picked_rows, picked_length - 1]
-    return (row_cache.take(picked_rows), row_valid[picked_rows], next_position + picked_length, new_last,
-            pick, score)
+    user = jnp.arange(users)
+    picked_length = lengths[user, pick]
+    new_last = logprobs[user, pick, picked_length - 1]
+    key_valid = jax.lax.dynamic_update_slice(key_valid, token_valid[user, pick], (0, start))
+    return cache.commit(own, pick, width, start), key_valid, next_position + picked_length, new_last, pick, score
 
 
 @nnx.jit
@@ -209,32 +208,26 @@ def next_token_logprobs(model: Llama, groups: Sequence[PromptGroup], lead: Seque
     """For every group and suffix (in order), log-probabilities [V] of the token after suffix + `lead`."""
     results: dict[int, list[np.ndarray]] = {}
     suffix_width = _bucket(max(len(s) + len(lead) for g in groups for s in g.suffixes), 16)  # one width per call
-    rows = users_per_batch * max(len(g.suffixes) for g in groups)  # fixed: one compilation per prefix width
+    branches = max(len(g.suffixes) for g in groups)  # fixed: one compilation per prefix width
     for indices in _batches([len(g.prefix) for g in groups], users_per_batch, desc, progress):
         batch = [groups[i] for i in indices]
-        suffixes = [s + list(lead) for g in batch for s in g.suffixes]
-        owner = np.array([u for u, g in enumerate(batch) for _ in g.suffixes], np.int32)
-        cache, key_valid, lengths, width, _ = _prefill_batch(model, [g.prefix for g in batch], users_per_batch, suffix_width)
-        tokens = np.zeros((rows, suffix_width), np.int32)
-        owners = np.zeros(rows, np.int32)
-        owners[: len(owner)] = owner
-        row_valid = key_valid[owners].copy()
-        positions = np.zeros((rows, suffix_width), np.int32)
-        last = np.zeros(rows, np.int32)
-        for row, suffix in enumerate(suffixes):
-            tokens[row, : len(suffix)] = suffix
-            row_valid[row, width : width + len(suffix)] = True
-            positions[row] = lengths[owners[row]] + np.arange(suffix_width)
-            last[row] = len(suffix) - 1
-        logprobs = _next_token_logprobs(
-            model, jnp.asarray(tokens), cache.take(jnp.asarray(owners)), jnp.asarray(width, jnp.int32),
-            jnp.asarray(positions), jnp.asarray(row_valid), jnp.asarray(last),
-        )
-        logprobs = np.asarray(logprobs)[: len(suffixes)]
-        start = 0
-        for i, g in zip(indices, batch):
-            results[i] = list(logprobs[start : start + len(g.suffixes)])
-            start += len(g.suffixes)
+        cache, key_valid, lengths, _, _ = _prefill_batch(model, [g.prefix for g in batch], users_per_batch, 0)
+        shape = (users_per_batch, branches * suffix_width)
+        tokens, valid, positions = np.zeros(shape, np.int32), np.zeros(shape, bool), np.zeros(shape, np.int32)
+        last = np.zeros((users_per_batch, branches), np.int32)
+        for u, g in enumerate(batch):
+            positions[u] = lengths[u] + np.tile(np.arange(suffix_width), branches)
+            for r, suffix in enumerate(g.suffixes):
+                ids, at = suffix + list(lead), r * suffix_width
+                tokens[u, at : at + len(ids)] = ids
+                valid[u, at : at + len(ids)] = True
+                last[u, r] = at + len(ids) - 1
+        logprobs = np.asarray(_branch_logprobs(
+            model, jnp.asarray(tokens), cache, jnp.asarray(positions), jnp.asarray(key_valid), jnp.asarray(valid),
+            branches, jnp.asarray(last),
+        ))
+        for u, (i, g) in enumerate(zip(indices, batch)):
+            results[i] = list(logprobs[u, : len(g.suffixes)])
     return [row for i in range(len(groups)) for row in results[i]]
 
 

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from recranker_jax.errors import RecRankerError
-from recranker_jax.train.packing import PackedRows
+from recranker_jax.train.packing import PackedRows, answer_capacity, batch_arrays
 from recranker_jax.train.step import place_batch, train_step
 
 
@@ -126,15 +126,15 @@ def train(
             return stop["requested"]
         return bool(multihost_utils.process_allgather(np.int32(stop["requested"])).max())
 
+    capacity = answer_capacity(rows.loss_mask)  # one static batch shape for the whole run
     logs: list[StepLog] = []
     bar = tqdm(total=steps, initial=start, desc="finetune", disable=not progress, leave=False)
     step = start
     try:
         while step < steps and not stop_agreed():
             index = batch_rows(len(rows), batch_size, seed, step)
-            batch = place_batch({"tokens": rows.tokens[index], "loss_mask": rows.loss_mask[index],
-                                 "segment_ids": rows.segment_ids[index], "positions": rows.positions[index]},
-                                mesh, rules or {})
+            batch = place_batch(batch_arrays(rows.tokens[index], rows.loss_mask[index], rows.segment_ids[index],
+                                             rows.positions[index], capacity), mesh, rules or {})
             started = time.perf_counter()
             loss = float(train_step(model, optimizer, batch))
             seconds = time.perf_counter() - started

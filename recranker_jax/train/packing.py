@@ -60,3 +60,31 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], length: int) -> PackedRo
             positions[r, offset : offset + n] = np.arange(n)
             offset += n
     return PackedRows(tokens, loss_mask, segments, positions)
+
+
+def answer_capacity(loss_mask: np.ndarray, multiple: int = 64) -> int:
+    """Answer positions per row to reserve: the most in any row, rounded up to `multiple`
+    (one static shape for the whole training run), at most the row length."""
+    most = int(loss_mask.sum(axis=1).max()) if loss_mask.size else 0
+    return min(max(multiple, -(-most // multiple) * multiple), loss_mask.shape[1])
+
+
+def batch_arrays(tokens: np.ndarray, loss_mask: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray,
+                 capacity: int) -> dict[str, np.ndarray]:
+    """The train step's batch. When `capacity` is less than the row length, the loss positions
+    are given as `answer_positions` / `answer_mask` [B, capacity] (left-aligned, padding
+    masked), so the output head runs only there (answers are ~3% of the quickstart's tokens);
+    otherwise as `loss_mask` [B, T]."""
+    batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+    if capacity >= tokens.shape[1]:
+        return {**batch, "loss_mask": loss_mask}
+    counts = loss_mask.sum(axis=1)
+    if counts.max(initial=0) > capacity:
+        raise RecRankerError(f"a row has {int(counts.max())} answer positions, more than the capacity {capacity}")
+    answer_positions = np.zeros((len(tokens), capacity), np.int32)
+    answer_mask = np.zeros((len(tokens), capacity), np.int32)
+    for row, mask in enumerate(loss_mask):
+        where = np.flatnonzero(mask)
+        answer_positions[row, : len(where)] = where
+        answer_mask[row, : len(where)] = 1
+    return {**batch, "answer_positions": answer_positions, "answer_mask": answer_mask}

@@ -1,0 +1,207 @@
+"""Attention kernels of the LLaMA model (grouped-query layout: q [B, T, KV, G, D], k / v [B, S, KV, D]).
+
+- `masked_attention`: any boolean mask [B, T, S], the scores materialised (decoding with a
+  KV cache, where T is small).
+- `causal_attention`: cache-free causal attention within packed segments (training and full
+  forward passes). Two implementations with equal results:
+  - "tiled" (the default on the CPU): flash-attention in blocks of `block` x `block` with an
+    online softmax and a custom backward pass that recomputes each tile's probabilities from
+    the saved log-sum-exp. No [T, T] array is ever materialised, so every tile stays in the
+    CPU's caches; blocks above the diagonal are skipped.
+    Measured with the quickstart shape (4 x 1152 tokens, 4 heads of 32): forward + backward
+    ~130 ms per layer against ~200 ms for "blocked" and ~375 ms for full scores.
+  - "blocked" (the default on accelerators, where XLA's fused attention of whole blocks
+    is what runs fast): each block of queries scores the keys up to the block's end, skipping
+    the masked upper triangle, about half the work of the full [T, T] scores.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Query (and key) rows per block of cache-free causal attention.
+ATTENTION_BLOCK = 128
+_MASKED = -1e30  # finite: a row with no visible key in a tile must not give inf - inf
+_PAD_SEGMENT = jnp.iinfo(jnp.int32).min  # padding to a whole number of tiles attends only to itself
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B, T, KV, G, D], k / v [B, S, KV, D], mask [B, T, S] -> [B, T, KV, G, D]."""
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k.astype(q.dtype)).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+
+
+def causal_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T, T]: causal, and within equal segment ids."""
+    length = segment_ids.shape[1]
+    return jnp.tril(jnp.ones((length, length), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
+    implementation: str = "auto", block: int = ATTENTION_BLOCK,
+) -> jax.Array:
+    """Causal attention within segments: q [B, T, KV, G, D], k / v [B, T, KV, D],
+    segment_ids [B, T] (None: one segment) -> [B, T, KV, G, D]."""
+    if segment_ids is None:
+        segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+    if implementation == "auto":
+        implementation = "tiled" if jax.default_backend() == "cpu" else "blocked"
+    if implementation == "blocked":
+        return blocked_attention(q, k, v, segment_ids, block)
+    if implementation == "tiled":
+        return tiled_attention(q, k, v, segment_ids, block)
+    raise ValueError(f"attention implementation {implementation!r}: expected auto, tiled or blocked")
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
+    mask = causal_mask(segment_ids)
+    return jnp.concatenate([
+        masked_attention(q[:, s:s + block], k[:, :s + block], v[:, :s + block], mask[:, s:s + block, :s + block])
+        for s in range(0, q.shape[1], block)
+    ], axis=1)
+
+
+def tiled_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
+    length = q.shape[1]
+    padded = -(-length // block) * block
+    if padded != length:
+        pad = [(0, 0), (0, padded - length)]
+        q, k, v = (jnp.pad(a, pad + [(0, 0)] * (a.ndim - 2)) for a in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, pad, constant_values=_PAD_SEGMENT)
+    # heads before time, so a tile is a contiguous [.., block, D] slab
+    out = _flash(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids, block)
+    return out.transpose(0, 3, 1, 2, 4)[:, :length]
+
+
+def _tile_mask(segments_q: jax.Array, segments_k: jax.Array, i, j, block: int) -> jax.Array:
+    """[B, 1, 1, block, block] for query tile i and key tile j."""
+    rows = i * block + jnp.arange(block)
+    cols = j * block + jnp.arange(block)
+    visible = (cols[None, :] <= rows[:, None])[None] & (segments_q[:, :, None] == segments_k[:, None, :])
+    return visible[:, None, None]
+
+
+def _scores(q_tile: jax.Array, k_tile: jax.Array) -> jax.Array:
+    """[B, KV, G, bq, D] x [B, KV, bk, D] -> float32 [B, KV, G, bq, bk], scaled."""
+    scale = 1.0 / jnp.sqrt(jnp.float32(q_tile.shape[-1]))
+    return jnp.einsum("bkgqd,bksd->bkgqs", q_tile, k_tile.astype(q_tile.dtype), preferred_element_type=jnp.float32) * scale
+
+
+def _flash_forward(q, k, v, segment_ids, block):
+    """q [B, KV, G, T, D], k / v [B, KV, T, D] -> (out [B, KV, G, T, D], log-sum-exp [B, KV, G, T])."""
+    batch, kv, groups, length, dim = q.shape
+    outs, lses = [], []
+    for i in range(length // block):
+        q_tile = q[:, :, :, i * block:(i + 1) * block]
+        segments_q = segment_ids[:, i * block:(i + 1) * block]
+
+        def key_tile(j, carry, q_tile=q_tile, segments_q=segments_q, i=i):
+            running_max, total, acc = carry
+            k_tile = lax.dynamic_slice_in_dim(k, j * block, block, 2)
+            v_tile = lax.dynamic_slice_in_dim(v, j * block, block, 2)
+            mask = _tile_mask(segments_q, lax.dynamic_slice_in_dim(segment_ids, j * block, block, 1), i, j, block)
+            scores = _scores(q_tile, k_tile)
+            new_max = jnp.maximum(running_max, jnp.where(mask, scores, _MASKED).max(-1))
+            weights = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
+            correction = jnp.exp(running_max - new_max)
+            total = total * correction + weights.sum(-1)
+            acc = acc * correction[..., None] + jnp.einsum(
+                "bkgqs,bksd->bkgqd", weights.astype(v.dtype), v_tile, preferred_element_type=jnp.float32)
+            return new_max, total, acc
+
+        init = (jnp.full((batch, kv, groups, block), _MASKED), jnp.zeros((batch, kv, groups, block)),
+                jnp.zeros((batch, kv, groups, block, dim)))
+        running_max, total, acc = lax.fori_loop(0, i + 1, key_tile, init)  # key tiles up to the diagonal
+        outs.append((acc / total[..., None]).astype(q.dtype))
+        lses.append(running_max + jnp.log(total))
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, segment_ids, block):
+    return _flash_forward(q, k, v, segment_ids, block)[0]
+
+
+def _flash_fwd(q, k, v, segment_ids, block):
+    out, lse = _flash_forward(q, k, v, segment_ids, block)
+    return out, (q, k, v, segment_ids, out, lse)
+
+
+def _flash_bwd(block, residuals, d_out):
+    q, k, v, segment_ids, out, lse = residuals
+    length = q.shape[3]
+    tiles = length // block
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, KV, G, T]
+    d_q = jnp.zeros(q.shape, jnp.float32)
+    d_ks, d_vs = [], []
+    for j in range(tiles):
+        k_tile, v_tile = k[:, :, j * block:(j + 1) * block], v[:, :, j * block:(j + 1) * block]
+        segments_k = segment_ids[:, j * block:(j + 1) * block]
+
+        def query_tile(i, carry, k_tile=k_tile, v_tile=v_tile, segments_k=segments_k, j=j):
+            d_k, d_v, d_q = carry
+            q_tile = lax.dynamic_slice_in_dim(q, i * block, block, 3)
+            d_out_tile = lax.dynamic_slice_in_dim(d_out, i * block, block, 3)
+            mask = _tile_mask(lax.dynamic_slice_in_dim(segment_ids, i * block, block, 1), segments_k, i, j, block)
+            lse_tile = lax.dynamic_slice_in_dim(lse, i * block, block, 3)
+            weights = jnp.where(mask, jnp.exp(_scores(q_tile, k_tile) - lse_tile[..., None]), 0.0)
+            d_v = d_v + jnp.einsum("bkgqs,bkgqd->bksd", weights.astype(d_out.dtype), d_out_tile,
+                                   preferred_element_type=jnp.float32)
+            d_weights = jnp.einsum("bkgqd,bksd->bkgqs", d_out_tile, v_tile.astype(d_out.dtype),
+                                   preferred_element_type=jnp.float32)
+            d_scores = (weights * (d_weights - lax.dynamic_slice_in_dim(delta, i * block, block, 3)[..., None]) * scale)
+            d_k = d_k + jnp.einsum("bkgqs,bkgqd->bksd", d_scores.astype(q.dtype), q_tile, preferred_element_type=jnp.float32)
+            d_q_tile = lax.dynamic_slice_in_dim(d_q, i * block, block, 3) + jnp.einsum(
+                "bkgqs,bksd->bkgqd", d_scores.astype(k.dtype), k_tile, preferred_element_type=jnp.float32)
+            return d_k, d_v, lax.dynamic_update_slice_in_dim(d_q, d_q_tile, i * block, 3)
+
+        zeros = jnp.zeros(k_tile.shape, jnp.float32)
+        d_k, d_v, d_q = lax.fori_loop(j, tiles, query_tile, (zeros, zeros, d_q))  # query tiles from the diagonal
+        d_ks.append(d_k)
+        d_vs.append(d_v)
+    d_k, d_v = jnp.concatenate(d_ks, axis=2), jnp.concatenate(d_vs, axis=2)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def branch_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+    cache_valid: jax.Array, branch_valid: jax.Array, branches: int,
+) -> jax.Array:
+    """Attention of `branches` continuations of each cache row ("cascade" attention: the shared
+    cache is read in place, never copied per continuation).
+
+    q [U, R*W, KV, G, D] and k / v [U, R*W, KV, D]: R branches of W tokens per row, flattened;
+    cache_k / cache_v [U, S, KV, D] with cache_valid [U, S] (the slots every branch sees);
+    branch_valid [U, R*W]. A token attends to the valid cache slots and to the valid tokens
+    of its own branch up to itself; one softmax over both. -> [U, R*W, KV, G, D]."""
+    rows, length, kv, groups, dim = q.shape
+    width = length // branches
+    scale = 1.0 / jnp.sqrt(jnp.float32(dim))
+    low = jnp.finfo(jnp.float32).min
+    cached = jnp.einsum("uqkgd,uskd->ukgqs", q, cache_k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    cached = jnp.where(cache_valid[:, None, None, None, :], cached, low)
+    cached = cached.reshape(rows, kv, groups, branches, width, -1)
+    q_b = q.reshape(rows, branches, width, kv, groups, dim)
+    k_b, v_b = k.reshape(rows, branches, width, kv, dim), v.reshape(rows, branches, width, kv, dim)
+    own = jnp.einsum("urqkgd,urskd->ukgrqs", q_b, k_b.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    visible = jnp.tril(jnp.ones((width, width), bool)) & branch_valid.reshape(rows, 1, 1, branches, 1, width)
+    own = jnp.where(visible, own, low)
+    top = jnp.maximum(cached.max(-1), own.max(-1))[..., None]
+    cached_weights, own_weights = jnp.exp(cached - top), jnp.exp(own - top)
+    total = cached_weights.sum(-1) + own_weights.sum(-1)  # [U, KV, G, R, W]
+    out = (jnp.einsum("ukgrqs,uskd->urqkgd", cached_weights.astype(v.dtype), cache_v.astype(v.dtype),
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("ukgrqs,urskd->urqkgd", own_weights.astype(v.dtype), v_b, preferred_element_type=jnp.float32))
+    out = out / jnp.moveaxis(total, (1, 2), (3, 4))[..., None]  # total as [U, R, W, KV, G]
+    return out.reshape(rows, length, kv, groups, dim).astype(q.dtype)

@@ -1,0 +1,50 @@
+"""Llama.extend_branches (continuations reading a shared cache in place) against extend on
+per-continuation copies of the cache, and KVCache.commit against the copy's own cache."""
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from recranker_jax.llm.llama import KVCache, Llama, LlamaConfig
+
+
+def test_branches_equal_continuations_of_copied_caches():
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = Llama(cfg, nnx.Rngs(5))
+    rng = np.random.default_rng(0)
+    users, width, branches, capacity = 2, 4, 3, 16
+    # left-padded prefixes of 7 and 9 tokens in a 9-slot prefill
+    prefix = rng.integers(1, 61, (users, 9)).astype(np.int32)
+    prefix_valid = np.ones((users, 9), bool)
+    prefix_valid[0, :2] = False
+    prefix_positions = np.maximum(np.arange(9)[None] - np.array([[2], [0]]), 0).astype(np.int32)
+    cache_valid = np.zeros((users, capacity), bool)
+    cache_valid[:, :9] = prefix_valid
+    _, cache = model.extend(jnp.asarray(prefix), KVCache.zeros(cfg, users, capacity), 0, jnp.asarray(prefix_positions),
+                            jnp.asarray(cache_valid))
+    lengths = np.array([[4, 2, 3], [1, 4, 4]])  # branch lengths (right-padded to 4)
+    tokens = rng.integers(1, 61, (users, branches, width)).astype(np.int32)
+    valid = np.arange(width)[None, None] < lengths[..., None]
+    positions = np.broadcast_to(np.array([7, 9])[:, None, None] + np.arange(width), (users, branches, width)).astype(np.int32)
+
+    logits, own = model.extend_branches(
+        jnp.asarray(tokens.reshape(users, -1)), cache, jnp.asarray(positions.reshape(users, -1)),
+        jnp.asarray(cache_valid), jnp.asarray(valid.reshape(users, -1)), branches)
+    logits = np.asarray(logits).reshape(users, branches, width, -1)
+
+    rows = np.repeat(np.arange(users), branches)
+    row_valid = cache_valid[rows].copy()
+    row_valid[:, 9 : 9 + width] = valid.reshape(-1, width)
+    want, copied = model.extend(jnp.asarray(tokens.reshape(-1, width)), cache.take(jnp.asarray(rows)), 9,
+                                jnp.asarray(positions.reshape(-1, width)), jnp.asarray(row_valid))
+    want = np.asarray(want).reshape(users, branches, width, -1)
+    np.testing.assert_allclose(logits[valid], want[valid], atol=2e-5)
+
+    picks = np.array([2, 0])
+    committed = cache.commit(own, jnp.asarray(picks), width, 9)
+    for layer, reference in zip(committed.layers, copied.layers):
+        for got, full in ((layer.keys, reference.keys), (layer.values, reference.values)):
+            got, full = np.asarray(got), np.asarray(full).reshape(users, branches, capacity, *got.shape[2:])
+            for u, pick in enumerate(picks):
+                np.testing.assert_allclose(got[u, : 9 + width], full[u, pick, : 9 + width], atol=1e-6)
