@@ -31,10 +31,16 @@ _PAD_SEGMENT = jnp.iinfo(jnp.int32).min  # padding to a whole number of tiles at
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """q [B, T, KV, G, D], k / v [B, S, KV, D], mask [B, T, S] -> [B, T, KV, G, D]."""
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k.astype(q.dtype)).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+    # As batched matmuls [B, KV, G*T, D] x [B, KV, S, D]: XLA:CPU's dots are 2-3x slower on the
+    # [.., T, KV, G, ..] layout or with G as a separate dimension.
+    batch, length, kv, groups, dim = q.shape
+    q_h = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv, groups * length, dim)
+    k_h, v_h = k.astype(q.dtype).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q_h, k_h, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(dim))
+    mask = jnp.broadcast_to(mask[:, None], (batch, groups, *mask.shape[1:])).reshape(batch, 1, groups * length, -1)
+    weights = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", weights, v_h)
+    return out.reshape(batch, kv, groups, length, dim).transpose(0, 3, 1, 2, 4)
 
 
 def causal_mask(segment_ids: jax.Array) -> jax.Array:
@@ -178,30 +184,18 @@ def branch_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
     cache_valid: jax.Array, branch_valid: jax.Array, branches: int,
 ) -> jax.Array:
-    """Attention of `branches` continuations of each cache row ("cascade" attention: the shared
-    cache is read in place, never copied per continuation).
+    """Attention of `branches` continuations of each cache row that share the row's cache.
 
     q [U, R*W, KV, G, D] and k / v [U, R*W, KV, D]: R branches of W tokens per row, flattened;
     cache_k / cache_v [U, S, KV, D] with cache_valid [U, S] (the slots every branch sees);
     branch_valid [U, R*W]. A token attends to the valid cache slots and to the valid tokens
-    of its own branch up to itself; one softmax over both. -> [U, R*W, KV, G, D]."""
-    rows, length, kv, groups, dim = q.shape
-    width = length // branches
-    scale = 1.0 / jnp.sqrt(jnp.float32(dim))
-    low = jnp.finfo(jnp.float32).min
-    cached = jnp.einsum("uqkgd,uskd->ukgqs", q, cache_k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    cached = jnp.where(cache_valid[:, None, None, None, :], cached, low)
-    cached = cached.reshape(rows, kv, groups, branches, width, -1)
-    q_b = q.reshape(rows, branches, width, kv, groups, dim)
-    k_b, v_b = k.reshape(rows, branches, width, kv, dim), v.reshape(rows, branches, width, kv, dim)
-    own = jnp.einsum("urqkgd,urskd->ukgrqs", q_b, k_b.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    visible = jnp.tril(jnp.ones((width, width), bool)) & branch_valid.reshape(rows, 1, 1, branches, 1, width)
-    own = jnp.where(visible, own, low)
-    top = jnp.maximum(cached.max(-1), own.max(-1))[..., None]
-    cached_weights, own_weights = jnp.exp(cached - top), jnp.exp(own - top)
-    total = cached_weights.sum(-1) + own_weights.sum(-1)  # [U, KV, G, R, W]
-    out = (jnp.einsum("ukgrqs,uskd->urqkgd", cached_weights.astype(v.dtype), cache_v.astype(v.dtype),
-                      preferred_element_type=jnp.float32)
-           + jnp.einsum("ukgrqs,urskd->urqkgd", own_weights.astype(v.dtype), v_b, preferred_element_type=jnp.float32))
-    out = out / jnp.moveaxis(total, (1, 2), (3, 4))[..., None]  # total as [U, R, W, KV, G]
-    return out.reshape(rows, length, kv, groups, dim).astype(q.dtype)
+    of its own branch up to itself: one attention over the S + R*W keys of the row, so the
+    cache is read once per row, not copied once per branch. -> [U, R*W, KV, G, D]."""
+    rows, length = q.shape[:2]
+    branch = jnp.arange(length) // (length // branches)
+    own = (branch[:, None] == branch[None, :]) & (jnp.arange(length)[None, :] <= jnp.arange(length)[:, None])
+    mask = jnp.concatenate([jnp.broadcast_to(cache_valid[:, None, :], (rows, length, cache_valid.shape[1])),
+                            own[None] & branch_valid[:, None, :]], axis=-1)
+    keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
+    return masked_attention(q, keys, values, mask)
