@@ -3,8 +3,9 @@
 All prompts of one user and task share a prefix (instruction + history). A batch of users'
 prefixes is run once (left-padded) and every suffix (question, hint, "Answer:"; right-padded)
 is a branch of its user's KV cache (`Llama.extend_branches`: the cache is read in place, not
-copied per suffix), so a user's history is never recomputed. Rotary positions and attention masks follow each row's real tokens, so padded,
-cached scores equal full-sequence scores (tested).
+copied per suffix), so a user's history is never recomputed. Rotary positions and attention
+masks follow each row's real tokens, so padded, cached scores equal full-sequence scores
+(tested).
 
 - pointwise: the expected rating under the model's distribution over the answer tokens 1..H,
   from one forward pass of the suffix;
