@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(bench_train, default_config="quickstart")
     bench_train.add_argument("--preset", default="quickstart", choices=["quickstart", "quickstart-answers", "7b-lora", "config"],
-                             help="problem size: quickstart (default; the CPU model), 7b-lora (accelerators, JAX only), "
-                                  "or config (the config's model and train sections)")
+                             help="problem size: quickstart (default; the CPU model, loss on every position), "
+                                  "quickstart-answers (the same, loss on answer tokens as in the finetune), "
+                                  "7b-lora (accelerators, JAX only), or config (the config's model and train sections)")
     bench_train.add_argument("--repeats", type=int, default=5, help="timed steps per side, interleaved (median)")
     bench_train.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
     bench_train.add_argument("--no-torch", action="store_true", help="time JAX only")

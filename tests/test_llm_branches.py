@@ -1,6 +1,7 @@
 """Llama.extend_branches (continuations reading a shared cache in place) against extend on
 per-continuation copies of the cache, and KVCache.commit against the copy's own cache."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -36,7 +37,7 @@ def test_branches_equal_continuations_of_copied_caches():
     rows = np.repeat(np.arange(users), branches)
     row_valid = cache_valid[rows].copy()
     row_valid[:, 9 : 9 + width] = valid.reshape(-1, width)
-    want, copied = model.extend(jnp.asarray(tokens.reshape(-1, width)), cache.take(jnp.asarray(rows)), 9,
+    want, copied = model.extend(jnp.asarray(tokens.reshape(-1, width)), jax.tree.map(lambda a: a[rows], cache), 9,
                                 jnp.asarray(positions.reshape(-1, width)), jnp.asarray(row_valid))
     want = np.asarray(want).reshape(users, branches, width, -1)
     np.testing.assert_allclose(logits[valid], want[valid], atol=2e-5)

@@ -1,7 +1,7 @@
 """Attention kernels of the LLaMA model (grouped-query layout: q [B, T, KV, G, D], k / v [B, S, KV, D]).
 
 - `masked_attention`: any boolean mask [B, T, S], the scores materialised (decoding with a
-  KV cache, where T is small).
+  KV cache, where T is small; `branch_attention`).
 - `causal_attention`: cache-free causal attention within packed segments (training and full
   forward passes). Two implementations with equal results:
   - "tiled" (the default on the CPU): flash-attention in blocks of `block` x `block` with an
@@ -192,10 +192,9 @@ def branch_attention(
     of its own branch up to itself: one attention over the S + R*W keys of the row, so the
     cache is read once per row, not copied once per branch. -> [U, R*W, KV, G, D]."""
     rows, length = q.shape[:2]
-    branch = jnp.arange(length) // (length // branches)
-    own = (branch[:, None] == branch[None, :]) & (jnp.arange(length)[None, :] <= jnp.arange(length)[:, None])
+    own = causal_mask((jnp.arange(length) // (length // branches))[None])  # a branch is a segment
     mask = jnp.concatenate([jnp.broadcast_to(cache_valid[:, None, :], (rows, length, cache_valid.shape[1])),
-                            own[None] & branch_valid[:, None, :]], axis=-1)
+                            own & branch_valid[:, None, :]], axis=-1)
     keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
     values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
     return masked_attention(q, keys, values, mask)

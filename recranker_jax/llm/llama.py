@@ -250,8 +250,8 @@ class Llama(nnx.Module):
         positions: jax.Array | None = None, key_valid: jax.Array | None = None, logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Logits of `tokens` [B, T] written into cache slots start..start+T-1, and the cache
-        with their keys and values added. A prompt prefix run once can be broadcast to a
-        batch of continuations (`KVCache.repeat` or a row gather).
+        with their keys and values added. (Many continuations of one cached prefix:
+        `extend_branches`, which does not copy the cache.)
 
         By default the rotary positions are the slots and every earlier slot is attended.
         Padded batches pass `positions` [B, T] (each row's own token positions) and
@@ -268,28 +268,14 @@ class Llama(nnx.Module):
         mask = key_slots[None, None, :] <= slots[None, :, None]
         if key_valid is not None:
             mask = mask & key_valid[:, None, :]
-        x = self.embed_tokens(tokens)
-        layers = []
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache = layer(x, positions, None, layer_cache, start, mask)
-            layers.append(layer_cache)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
-        return self.head(x), KVCache(layers)
+        return self._cached_pass(tokens, cache, logits_at, positions=positions, start=start, mask=mask)
 
     def prefill(self, tokens: jax.Array, cache: KVCache, positions: jax.Array, valid: jax.Array,
                 logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """`extend` from slot 0 of an empty cache, with the cache-free causal attention (tiled on
         the CPU, no [T, T] scores): tokens / positions / valid [B, T], padding where `valid`
         is false (it attends to nothing real and nothing real attends to it)."""
-        x = self.embed_tokens(tokens)
-        layers = []
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache = layer(x, positions, valid.astype(jnp.int32), layer_cache, 0)
-            layers.append(layer_cache)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
-        return self.head(x), KVCache(layers)
+        return self._cached_pass(tokens, cache, logits_at, positions=positions, segment_ids=valid.astype(jnp.int32))
 
     def extend_branches(
         self, tokens: jax.Array, cache: KVCache, positions: jax.Array, cache_valid: jax.Array,
@@ -303,13 +289,21 @@ class Llama(nnx.Module):
         [U, R] flat indices, [U, R, V]) and the branches' own keys / values per layer
         ([U, R*W, KV, D]; `KVCache.commit` appends a chosen branch to the cache).
         """
+        return self._cached_pass(tokens, cache, logits_at, positions=positions, mask=cache_valid, branches=branches,
+                                 branch_valid=branch_valid)
+
+    def _cached_pass(self, tokens: jax.Array, cache: KVCache, logits_at: jax.Array | None,
+                     **attention) -> tuple[jax.Array, KVCache]:
+        """Every layer with its cache entry (`attention`: `Block`'s keyword arguments), then the
+        logits, only at `logits_at` ([B] or [B, R] positions) when given; returns them and the
+        layers' returned caches."""
         x = self.embed_tokens(tokens)
         layers = []
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x, own = layer(x, positions, None, layer_cache, 0, cache_valid, branches, branch_valid)
-            layers.append(own)
+            x, layer_cache = layer(x, cache=layer_cache, **attention)
+            layers.append(layer_cache)
         if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
+            x = jnp.take_along_axis(x, logits_at.reshape(logits_at.shape[0], -1, 1), axis=1)
         return self.head(x), KVCache(layers)
 
 
@@ -337,10 +331,6 @@ class KVCache:
     def repeat(self, batch: int) -> KVCache:
         """A batch-1 cache (a shared prefix) copied for `batch` continuations."""
         return jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), self)
-
-    def take(self, rows: jax.Array) -> KVCache:
-        """The caches of batch rows `rows` (a row may be taken several times)."""
-        return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), self)
 
     def commit(self, branches: KVCache, picks: jax.Array, width: int, start: jax.Array | int) -> KVCache:
         """This cache with branch `picks[u]` (W = `width` tokens) of `Llama.extend_branches`'s
