@@ -1,5 +1,6 @@
-"""Llama.extend_branches (continuations reading a shared cache in place) against extend on
-per-continuation copies of the cache, and KVCache.commit against the copy's own cache."""
+"""Llama.extend_branches (continuations of any lengths, packed one after another, reading a
+shared cache in place) against extend on per-continuation copies of the cache, and
+KVCache.commit against the copy's own cache."""
 
 import jax
 import jax.numpy as jnp
@@ -24,15 +25,27 @@ def test_branches_equal_continuations_of_copied_caches():
     cache_valid[:, :9] = prefix_valid
     _, cache = model.extend(jnp.asarray(prefix), KVCache.zeros(cfg, users, capacity), 0, jnp.asarray(prefix_positions),
                             jnp.asarray(cache_valid))
-    lengths = np.array([[4, 2, 3], [1, 4, 4]])  # branch lengths (right-padded to 4)
+    lengths = np.array([[4, 2, 3], [1, 4, 0]])  # user 1 has two branches; rows padded to 12 tokens
     tokens = rng.integers(1, 61, (users, branches, width)).astype(np.int32)
     valid = np.arange(width)[None, None] < lengths[..., None]
     positions = np.broadcast_to(np.array([7, 9])[:, None, None] + np.arange(width), (users, branches, width)).astype(np.int32)
+    packed_width = 12
+    packed = {name: np.full((users, packed_width), fill, np.int32) for name, fill in (("tokens", 0), ("ids", -1), ("positions", 0))}
+    offsets = np.zeros((users, branches), np.int32)
+    for u in range(users):
+        at = 0
+        for b in range(branches):
+            n = lengths[u, b]
+            offsets[u, b] = at
+            packed["tokens"][u, at : at + n] = tokens[u, b, :n]
+            packed["ids"][u, at : at + n] = b
+            packed["positions"][u, at : at + n] = positions[u, b, :n]
+            at += n
 
     logits, own = model.extend_branches(
-        jnp.asarray(tokens.reshape(users, -1)), cache, jnp.asarray(positions.reshape(users, -1)),
-        jnp.asarray(cache_valid), jnp.asarray(valid.reshape(users, -1)), branches)
-    logits = np.asarray(logits).reshape(users, branches, width, -1)
+        jnp.asarray(packed["tokens"]), cache, jnp.asarray(packed["positions"]), jnp.asarray(cache_valid),
+        jnp.asarray(packed["ids"]))
+    logits = np.asarray(logits)
 
     rows = np.repeat(np.arange(users), branches)
     row_valid = cache_valid[rows].copy()
@@ -40,12 +53,16 @@ def test_branches_equal_continuations_of_copied_caches():
     want, copied = model.extend(jnp.asarray(tokens.reshape(-1, width)), jax.tree.map(lambda a: a[rows], cache), 9,
                                 jnp.asarray(positions.reshape(-1, width)), jnp.asarray(row_valid))
     want = np.asarray(want).reshape(users, branches, width, -1)
-    np.testing.assert_allclose(logits[valid], want[valid], atol=2e-5)
+    for u in range(users):
+        for b in range(branches):
+            n, at = lengths[u, b], offsets[u, b]
+            np.testing.assert_allclose(logits[u, at : at + n], want[u, b, :n], atol=2e-5)
 
     picks = np.array([2, 0])
-    committed = cache.commit(own, jnp.asarray(picks), width, 9)
+    committed = cache.commit(own, jnp.asarray(offsets[np.arange(users), picks]), width, 9)
     for layer, reference in zip(committed.layers, copied.layers):
         for got, full in ((layer.keys, reference.keys), (layer.values, reference.values)):
             got, full = np.asarray(got), np.asarray(full).reshape(users, branches, capacity, *got.shape[2:])
             for u, pick in enumerate(picks):
-                np.testing.assert_allclose(got[u, : 9 + width], full[u, pick, : 9 + width], atol=1e-6)
+                end = 9 + lengths[u, pick]  # the picked branch's real tokens; the rest of its W slots stay invalid
+                np.testing.assert_allclose(got[u, :end], full[u, pick, :end], atol=1e-6)

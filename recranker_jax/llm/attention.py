@@ -182,19 +182,20 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def branch_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-    cache_valid: jax.Array, branch_valid: jax.Array, branches: int,
+    cache_valid: jax.Array, branch_ids: jax.Array,
 ) -> jax.Array:
-    """Attention of `branches` continuations of each cache row that share the row's cache.
+    """Attention of continuations ("branches") of each cache row that share the row's cache.
 
-    q [U, R*W, KV, G, D] and k / v [U, R*W, KV, D]: R branches of W tokens per row, flattened;
-    cache_k / cache_v [U, S, KV, D] with cache_valid [U, S] (the slots every branch sees);
-    branch_valid [U, R*W]. A token attends to the valid cache slots and to the valid tokens
-    of its own branch up to itself: one attention over the S + R*W keys of the row, so the
-    cache is read once per row, not copied once per branch. -> [U, R*W, KV, G, D]."""
+    q [U, T, KV, G, D] and k / v [U, T, KV, D]: each row's branches packed one after another,
+    of any lengths, with branch_ids [U, T] naming each token's branch (-1: padding);
+    cache_k / cache_v [U, S, KV, D] with cache_valid [U, S] (the slots every branch sees).
+    A token attends to the valid cache slots and to the earlier tokens of its own branch: one
+    attention over the S + T keys of the row, so the cache is read once per row, not copied
+    once per branch, and no compute goes to padding each branch to a common width.
+    -> [U, T, KV, G, D]."""
     rows, length = q.shape[:2]
-    own = causal_mask((jnp.arange(length) // (length // branches))[None])  # a branch is a segment
     mask = jnp.concatenate([jnp.broadcast_to(cache_valid[:, None, :], (rows, length, cache_valid.shape[1])),
-                            own & branch_valid[:, None, :]], axis=-1)
+                            causal_mask(branch_ids)], axis=-1)  # padding (-1) sees only padding
     keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
     values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
     return masked_attention(q, keys, values, mask)

@@ -142,15 +142,15 @@ class Attention(nnx.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
         cache: LayerCache | None = None, start: jax.Array | int = 0, mask: jax.Array | None = None,
-        branches: int = 0, branch_valid: jax.Array | None = None,
+        branch_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """Without a cache: causal attention within `segment_ids` [B, T] (None: one segment).
         With a cache, this call's keys / values are written at `start` and the queries attend
         to the cached slots where `mask` [B, T, S_max] is true (no mask: a prefill, causal
-        within `segment_ids` over this call's tokens only). With `branches` R, x holds R
-        continuations of W tokens per row ([B, R*W]) that attend to the cached slots where
-        `mask` [B, S_max] is true and to their own branch (`attention.branch_attention`); the
-        cache is left as it is and the branches' own keys / values are returned instead."""
+        within `segment_ids` over this call's tokens only). With `branch_ids` [B, T], x holds
+        continuations of each row packed one after another, which attend to the cached slots
+        where `mask` [B, S_max] is true and to their own branch (`attention.branch_attention`);
+        the cache is left as it is and the branches' own keys / values are returned instead."""
         batch, length, _ = x.shape
         q = rotary(self.q_proj(x).reshape(batch, length, self.heads, self.head_size), positions, self.theta, self.rope_factor)
         k = rotary(self.k_proj(x).reshape(batch, length, self.kv_heads, self.head_size), positions, self.theta, self.rope_factor)
@@ -158,8 +158,8 @@ class Attention(nnx.Module):
         q = q.reshape(batch, length, self.kv_heads, self.heads // self.kv_heads, self.head_size)
         if cache is None:
             out = causal_attention(q, k, v, segment_ids)
-        elif branches:
-            out = branch_attention(q, k, v, cache.keys, cache.values, mask, branch_valid, branches)
+        elif branch_ids is not None:
+            out = branch_attention(q, k, v, cache.keys, cache.values, mask, branch_ids)
             cache = LayerCache(k, v)
         else:
             keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, start, 0, 0))
@@ -188,9 +188,9 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs, precision)
 
     def __call__(self, x, positions, segment_ids=None, cache: LayerCache | None = None, start: jax.Array | int = 0,
-                 mask=None, branches: int = 0, branch_valid=None):
+                 mask=None, branch_ids=None):
         attended, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache, start, mask,
-                                         branches, branch_valid)
+                                         branch_ids)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -279,18 +279,17 @@ class Llama(nnx.Module):
 
     def extend_branches(
         self, tokens: jax.Array, cache: KVCache, positions: jax.Array, cache_valid: jax.Array,
-        branch_valid: jax.Array, branches: int, logits_at: jax.Array | None = None,
+        branch_ids: jax.Array, logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Logits of `branches` continuations of every cache row, without copying the cache.
+        """Logits of continuations ("branches") of every cache row, without copying the cache.
 
-        tokens / positions / branch_valid [U, R*W]: R branches of W tokens per row, flattened
-        (right-padded; `branch_valid` marks real tokens); cache_valid [U, S_max]: the cached
-        slots every branch attends to. Returns the logits [U, R*W, V] (or, with `logits_at`
-        [U, R] flat indices, [U, R, V]) and the branches' own keys / values per layer
-        ([U, R*W, KV, D]; `KVCache.commit` appends a chosen branch to the cache).
+        tokens / positions / branch_ids [U, T]: each row's branches packed one after another
+        (any lengths; `branch_ids` numbers each token's branch, -1 for padding); cache_valid
+        [U, S_max]: the cached slots every branch attends to. Returns the logits [U, T, V]
+        (or, with `logits_at` [U, R] indices, [U, R, V]) and the branches' own keys / values
+        per layer ([U, T, KV, D]; `KVCache.commit` appends a chosen branch to the cache).
         """
-        return self._cached_pass(tokens, cache, logits_at, positions=positions, mask=cache_valid, branches=branches,
-                                 branch_valid=branch_valid)
+        return self._cached_pass(tokens, cache, logits_at, positions=positions, mask=cache_valid, branch_ids=branch_ids)
 
     def _cached_pass(self, tokens: jax.Array, cache: KVCache, logits_at: jax.Array | None,
                      **attention) -> tuple[jax.Array, KVCache]:
@@ -332,13 +331,13 @@ class KVCache:
         """A batch-1 cache (a shared prefix) copied for `batch` continuations."""
         return jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), self)
 
-    def commit(self, branches: KVCache, picks: jax.Array, width: int, start: jax.Array | int) -> KVCache:
-        """This cache with branch `picks[u]` (W = `width` tokens) of `Llama.extend_branches`'s
-        keys / values written into slots start..start+W-1 of row u."""
+    def commit(self, branches: KVCache, offsets: jax.Array, width: int, start: jax.Array | int) -> KVCache:
+        """This cache with `width` tokens of `Llama.extend_branches`'s keys / values, from
+        index `offsets[u]` of row u (a chosen branch), written into slots start..start+W-1."""
         def write(cached: jax.Array, own: jax.Array) -> jax.Array:
-            rows = own.shape[0]
-            own = own.reshape(rows, -1, width, *own.shape[2:])[jnp.arange(rows), picks]  # [U, W, KV, D]
-            return jax.lax.dynamic_update_slice(cached, own.astype(cached.dtype), (0, start, 0, 0))
+            index = jnp.minimum(offsets[:, None] + jnp.arange(width), own.shape[1] - 1)  # [U, W]
+            picked = jnp.take_along_axis(own, index[:, :, None, None], axis=1)  # [U, W, KV, D]
+            return jax.lax.dynamic_update_slice(cached, picked.astype(cached.dtype), (0, start, 0, 0))
         return jax.tree.map(write, self, branches)
 
 

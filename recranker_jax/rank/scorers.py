@@ -1,18 +1,19 @@
 """The LLM side of re-ranking: batched, prefix-cached scorers for the three RecRanker tasks.
 
 All prompts of one user and task share a prefix (instruction + history). A batch of users'
-prefixes is run once (left-padded) and every suffix (question, hint, "Answer:"; right-padded)
-is a branch of its user's KV cache (`Llama.extend_branches`: the cache is read in place, not
-copied per suffix), so a user's history is never recomputed. Rotary positions and attention
+prefixes is run once (left-padded) and every suffix (question, hint, "Answer:") is a branch of
+its user's KV cache (`Llama.extend_branches`: the cache is read in place, not copied per
+suffix, and a row's branches are packed one after another, not padded to a common width), so
+a user's history is never recomputed. Rotary positions and attention
 masks follow each row's real tokens, so padded, cached scores equal full-sequence scores
 (tested).
 
 - pointwise: the expected rating under the model's distribution over the answer tokens 1..H,
   from one forward pass of the suffix;
 - pairwise: P(Yes) against P(No) for the question "would the user prefer A over B";
-- listwise: the candidates ranked by constrained greedy decoding: each step appends the
-  not-yet-chosen candidate whose title has the highest log-probability, so the answer is
-  always a valid ranking;
+- listwise: the candidates ranked by constrained greedy decoding: each step scores the
+  not-yet-chosen candidates' titles (one branch each) and appends the one with the highest
+  log-probability, so the answer is always a valid ranking;
 - generate: the reference's behaviour, free-text greedy decoding then parsing, for comparison.
 
 Users are batched in order of prompt length and prompt widths rounded up to 2^n or 1.5 * 2^n
@@ -121,44 +122,54 @@ def answer_tokens(tokenizer, answers: Sequence[str]) -> AnswerTokens:
 
 
 @nnx.jit
-def _prefill(model: Llama, tokens, cache: KVCache, positions, key_valid):
-    """Run left-padded prompts from slot 0; returns (cache, log-probs after the last token)."""
+def _prefill(model: Llama, tokens, positions, valid):
+    """Run left-padded prompts [B, T] into a new cache of T slots; returns (cache, log-probs
+    after the last token). (The cache is grown by `_grow`, so each prompt width compiles once.)"""
+    cache = KVCache.zeros(model.config, *tokens.shape, model.dtype)
     last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
-    logits, cache = model.prefill(tokens, cache, positions, key_valid[:, : tokens.shape[1]], logits_at=last)
+    logits, cache = model.prefill(tokens, cache, positions, valid, logits_at=last)
     return cache, jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
 
 
-@nnx.jit(static_argnames="branches")
-def _branch_logprobs(model: Llama, tokens, cache: KVCache, positions, cache_valid, branch_valid, branches, last):
-    """Log-probabilities [U, R, V] of the token after flat position `last` [U, R] of each branch."""
-    logits, _ = model.extend_branches(tokens, cache, positions, cache_valid, branch_valid, branches, logits_at=last)
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+@jax.jit(static_argnames="extra")
+def _grow(cache: KVCache, extra: int) -> KVCache:
+    """The cache with `extra` empty slots appended."""
+    return jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0))), cache)
 
 
 @nnx.jit
-def _listwise_step(model: Llama, cache: KVCache, key_valid, next_position, last_logprobs, start, pieces, lengths, chosen):
-    """One constrained decoding step for U users with k candidates each.
+def _branch_logprobs(model: Llama, tokens, cache: KVCache, positions, cache_valid, branch_ids, last):
+    """Log-probabilities [U, R, V] of the token after index `last` [U, R] of each row's packed branches."""
+    logits, _ = model.extend_branches(tokens, cache, positions, cache_valid, branch_ids, logits_at=last)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
-    pieces [U, k, W] / lengths [U, k]: each candidate's title tokens (right-padded). Every
-    candidate is a branch of its user's cache (read in place); the best not-yet-chosen title
-    (summed token log-probability) is appended to the cache. Returns the new state and the pick [U]."""
-    users, k, width = pieces.shape
-    token_valid = jnp.arange(width)[None, None, :] < lengths[..., None]  # [U, k, W]
-    positions = jnp.broadcast_to(next_position[:, None, None] + jnp.arange(width), (users, k, width))
-    logits, own = model.extend_branches(pieces.reshape(users, k * width), cache, positions.reshape(users, k * width),
-                                        key_valid, token_valid.reshape(users, k * width), k)
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(users, k, width, -1)
-    first = jnp.take_along_axis(last_logprobs, pieces[:, :, 0], axis=1)  # [U, k]
-    rest = jnp.take_along_axis(logprobs[:, :, :-1], pieces[:, :, 1:, None], axis=3)[..., 0]
-    per_token = jnp.concatenate([first[..., None], rest], axis=2)
-    score = jnp.sum(jnp.where(token_valid, per_token, 0.0), axis=2)
-    score = jnp.where(chosen | (lengths == 0), -jnp.inf, score)
+
+@nnx.jit(static_argnames="width")
+def _listwise_step(model: Llama, cache: KVCache, key_valid, next_position, last_logprobs, start, tokens, branch_ids,
+                   within, offsets, lengths, width):
+    """One constrained decoding step for U users with up to k candidates each.
+
+    tokens / branch_ids / within [U, T]: the titles of each user's not-yet-chosen candidates
+    packed one after another (`_pack`), each a branch of its user's cache (read in place);
+    offsets / lengths [U, k] locate candidate j's title in its row (length 0: chosen or
+    absent). The title with the highest summed token log-probability is appended to the cache
+    (`width` slots from `start`). Returns the new state, the pick [U] and the scores [U, k]."""
+    users, k = lengths.shape
+    logits, own = model.extend_branches(tokens, cache, next_position[:, None] + within, key_valid, branch_ids)
+    logits = logits.astype(jnp.float32)
+    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [U, T]
+    following = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], axis=2)[..., 0] - normaliser[:, :-1]
+    first = jnp.take_along_axis(last_logprobs, tokens, axis=1)  # each token as the first of its title
+    per_token = jnp.where(within == 0, first, jnp.pad(following, ((0, 0), (1, 0))))
+    score = jnp.einsum("ut,utk->uk", jnp.where(branch_ids >= 0, per_token, 0.0), jax.nn.one_hot(branch_ids, k))
+    score = jnp.where(lengths == 0, -jnp.inf, score)
     pick = jnp.argmax(score, axis=1)
     user = jnp.arange(users)
-    picked_length = lengths[user, pick]
-    new_last = logprobs[user, pick, picked_length - 1]
-    key_valid = jax.lax.dynamic_update_slice(key_valid, token_valid[user, pick], (0, start))
-    return cache.commit(own, pick, width, start), key_valid, next_position + picked_length, new_last, pick, score
+    picked_length, offset = lengths[user, pick], offsets[user, pick]
+    end = jnp.maximum(offset + picked_length - 1, 0)
+    new_last = logits[user, end] - normaliser[user, end, None]
+    key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.arange(width)[None] < picked_length[:, None], (0, start))
+    return cache.commit(own, offset, width, start), key_valid, next_position + picked_length, new_last, pick, score
 
 
 @nnx.jit
@@ -191,41 +202,56 @@ def _capacity_valid(valid: np.ndarray, capacity: int) -> np.ndarray:
     return out
 
 
-def _prefill_batch(model: Llama, sequences: Sequence[Sequence[int]], rows: int, extra: int):
-    """Prefill `sequences` padded to `rows` rows; returns (cache, key_valid, lengths, width, last log-probs)."""
+def _prefill_batch(model: Llama, sequences: Sequence[Sequence[int]], rows: int, capacity: int):
+    """Prefill `sequences` padded to `rows` rows and their own bucketed width, in a cache of
+    `capacity` slots (one per call, so the passes after the prefill compile once per call);
+    returns (cache, key_valid, lengths, width, last log-probs)."""
     width = _width(max(len(s) for s in sequences))
     tokens, valid, positions = _left_padded(sequences, width, rows)
-    capacity = width + extra
+    cache, last = _prefill(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid))
+    if capacity > width:
+        cache = _grow(cache, capacity - width)
     key_valid = _capacity_valid(valid, capacity)
-    cache = KVCache.zeros(model.config, rows, capacity, model.dtype)
-    cache, last = _prefill(model, jnp.asarray(tokens), cache, jnp.asarray(positions), jnp.asarray(key_valid))
     lengths = np.zeros(rows, np.int32)
     lengths[: len(sequences)] = [len(s) for s in sequences]
     return cache, key_valid, lengths, width, last
+
+
+def _pack(rows: Sequence[Sequence[Sequence[int]]], width: int, batch: int, slots: int) -> dict[str, np.ndarray]:
+    """Each row's branches (token id lists; empty: none) packed one after another into
+    [batch, width]: tokens, branch_ids (-1: padding), within (index in the branch), and
+    offsets / lengths [batch, slots] of branch j."""
+    out = {"tokens": np.zeros((batch, width), np.int32), "branch_ids": np.full((batch, width), -1, np.int32),
+           "within": np.zeros((batch, width), np.int32), "offsets": np.zeros((batch, slots), np.int32),
+           "lengths": np.zeros((batch, slots), np.int32)}
+    for u, branches in enumerate(rows):
+        at = 0
+        for j, ids in enumerate(branches):
+            n = len(ids)
+            out["tokens"][u, at : at + n] = ids
+            out["branch_ids"][u, at : at + n] = j if n else -1
+            out["within"][u, at : at + n] = np.arange(n)
+            out["offsets"][u, j], out["lengths"][u, j] = at, n
+            at += n
+    return out
 
 
 def next_token_logprobs(model: Llama, groups: Sequence[PromptGroup], lead: Sequence[int], users_per_batch: int,
                         desc: str = "score", progress: bool = True) -> list[np.ndarray]:
     """For every group and suffix (in order), log-probabilities [V] of the token after suffix + `lead`."""
     results: dict[int, list[np.ndarray]] = {}
-    suffix_width = _bucket(max(len(s) + len(lead) for g in groups for s in g.suffixes), 16)  # one width per call
-    branches = max(len(g.suffixes) for g in groups)  # fixed: one compilation per prefix width
+    # one packed width (bucketed like prompts, so calls share it) and branch count per call
+    width = _width(max(sum(len(s) + len(lead) for s in g.suffixes) for g in groups))
+    branches = max(len(g.suffixes) for g in groups)
+    capacity = _width(max(len(g.prefix) for g in groups))
     for indices in _batches([len(g.prefix) for g in groups], users_per_batch, desc, progress):
         batch = [groups[i] for i in indices]
-        cache, key_valid, lengths, _, _ = _prefill_batch(model, [g.prefix for g in batch], users_per_batch, 0)
-        shape = (users_per_batch, branches * suffix_width)
-        tokens, valid, positions = np.zeros(shape, np.int32), np.zeros(shape, bool), np.zeros(shape, np.int32)
-        last = np.zeros((users_per_batch, branches), np.int32)
-        for u, g in enumerate(batch):
-            positions[u] = lengths[u] + np.tile(np.arange(suffix_width), branches)
-            for r, suffix in enumerate(g.suffixes):
-                ids, at = suffix + list(lead), r * suffix_width
-                tokens[u, at : at + len(ids)] = ids
-                valid[u, at : at + len(ids)] = True
-                last[u, r] = at + len(ids) - 1
+        cache, key_valid, lengths, _, _ = _prefill_batch(model, [g.prefix for g in batch], users_per_batch, capacity)
+        packed = _pack([[s + list(lead) for s in g.suffixes] for g in batch], width, users_per_batch, branches)
+        last = np.maximum(packed["offsets"] + packed["lengths"] - 1, 0)
         logprobs = np.asarray(_branch_logprobs(
-            model, jnp.asarray(tokens), cache, jnp.asarray(positions), jnp.asarray(key_valid), jnp.asarray(valid),
-            branches, jnp.asarray(last),
+            model, jnp.asarray(packed["tokens"]), cache, jnp.asarray(lengths[:, None] + packed["within"]),
+            jnp.asarray(key_valid), jnp.asarray(packed["branch_ids"]), jnp.asarray(last),
         ))
         for u, (i, g) in enumerate(zip(indices, batch)):
             results[i] = list(logprobs[u, : len(g.suffixes)])
@@ -256,29 +282,28 @@ def listwise_rankings(
     n, k = len(contexts), max(len(p[0]) for p in pieces)
     steps = min(top, k)
     positions = np.zeros((n, k), np.int32)
-    piece_width = _bucket(max(len(p) for user in pieces for form in user for p in form), 8)  # one width per call
+    piece_width = _bucket(max(len(p) for user in pieces for form in user for p in form), 8)  # cache slots per step
+    # the packed titles of a step: one width per call, enough for every user's longest form
+    width = _width(max(sum(len(p) for p in form) for user in pieces for form in user))
+    capacity = _width(max(len(c) for c in contexts)) + steps * piece_width
     for batch in _batches([len(c) for c in contexts], users_per_batch, "listwise", progress):
-        cache, key_valid, lengths, width, last = _prefill_batch(
-            model, [contexts[u] for u in batch], users_per_batch, steps * piece_width
+        cache, key_valid, lengths, prompt_width, last = _prefill_batch(
+            model, [contexts[u] for u in batch], users_per_batch, capacity
         )
-        chosen = np.zeros((users_per_batch, k), bool)
-        chosen[len(batch) :] = True  # padding rows pick nothing real
+        chosen = np.zeros((len(batch), k), bool)
         key_valid, next_position = jnp.asarray(key_valid), jnp.asarray(lengths)
         for step in range(steps):
-            form = 0 if step == 0 else 1
-            tokens = np.zeros((users_per_batch, k, piece_width), np.int32)
-            piece_lengths = np.zeros((users_per_batch, k), np.int32)  # 0: no such candidate
-            for row, u in enumerate(batch):
-                for j, ids in enumerate(pieces[u][form]):
-                    tokens[row, j, : len(ids)] = ids
-                    piece_lengths[row, j] = len(ids)
+            form = 0 if step == 0 else 1  # the first answer line, or a later one
+            packed = _pack([[[] if chosen[row, j] else ids for j, ids in enumerate(pieces[u][form])]
+                            for row, u in enumerate(batch)], width, users_per_batch, k)
             cache, key_valid, next_position, last, pick, _ = _listwise_step(
-                model, cache, key_valid, next_position, last, jnp.asarray(width + step * piece_width, jnp.int32),
-                jnp.asarray(tokens), jnp.asarray(piece_lengths), jnp.asarray(chosen),
+                model, cache, key_valid, next_position, last, jnp.asarray(prompt_width + step * piece_width, jnp.int32),
+                *(jnp.asarray(packed[key]) for key in ("tokens", "branch_ids", "within", "offsets", "lengths")),
+                width=piece_width,
             )
             pick = np.asarray(pick)
             for row, u in enumerate(batch):
-                if not chosen[row, pick[row]]:  # a user with fewer than `steps` candidates picks nothing more
+                if packed["lengths"][row, pick[row]]:  # a user with fewer than `steps` candidates picks nothing more
                     chosen[row, pick[row]] = True
                     positions[u, pick[row]] = step + 1
     return positions
@@ -288,9 +313,10 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_tokens: int, eo
              progress: bool = True) -> list[list[int]]:
     """Greedy free-text continuations (stopping at EOS), batched with a KV cache."""
     outputs: dict[int, list[int]] = {}
+    capacity = _width(max(len(p) for p in prompts)) + max_tokens
     for indices in _batches([len(p) for p in prompts], batch_size, "generate", progress):
         batch = [prompts[i] for i in indices]
-        cache, key_valid, lengths, width, last = _prefill_batch(model, batch, batch_size, max_tokens)
+        cache, key_valid, lengths, width, last = _prefill_batch(model, batch, batch_size, capacity)
         token = np.asarray(jnp.argmax(last, axis=-1)).astype(np.int32)
         generated = [[] for _ in batch]
         done = np.zeros(batch_size, bool)
