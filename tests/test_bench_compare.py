@@ -79,3 +79,17 @@ def test_a_file_that_is_not_a_result_names_the_file(tmp_path, content, why, caps
 def test_missing_file(tmp_path):
     with pytest.raises(RecRankerError, match="missing.json: file not found"):
         load_result(tmp_path / "missing.json")
+
+
+def test_a_retrieval_bench_file_is_a_result_file(tmp_path):
+    """`bench retrieval --out` writes the schema compare reads (it used to write 'machine')."""
+    import jax
+
+    from recranker_jax.bench.compare import label
+    from recranker_jax.bench.retrieval import bench_retrieval
+    from recranker_jax.config import load_config
+
+    doc = bench_retrieval(load_config("quickstart", [f"run.root={tmp_path}"]), variants=())
+    path = tmp_path / "retrieval.json"
+    path.write_text(json.dumps(doc))
+    assert label(load_result(path)) == f"{jax.devices()[0].device_kind} x{jax.device_count()}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -124,15 +123,14 @@ def bench_retrieval(cfg: Config, repeats: int = 3, variants: tuple[str, ...] = V
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise RecRankerError(f"bench retrieval: variant {variant} failed: {last}")
         results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
-    import jax
+    from recranker_jax.bench.hardware import environment
 
     return {
         "benchmark": "retrieval",
         "problem": {"source": meta["source"], "users": meta["users_kept"], "items": meta["items"],
                     "train_likes": meta["train_likes"], "dim": cfg.retrieval.dim, "layers": cfg.retrieval.layers,
                     "batch_size": cfg.retrieval.batch_size, "rank_k": RANK_K},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "jax": jax.__version__, "device": jax.devices()[0].device_kind, "device_count": jax.device_count()},
+        "environment": environment(),  # the schema `recranker bench compare` reads
         "repeats": repeats,
         "results": results,
     }
