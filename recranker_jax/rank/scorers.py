@@ -202,16 +202,19 @@ def _capacity_valid(valid: np.ndarray, capacity: int) -> np.ndarray:
     return out
 
 
-def _prefill_batch(model: Llama, sequences: Sequence[Sequence[int]], rows: int, capacity: int):
-    """Prefill `sequences` padded to `rows` rows and their own bucketed width, in a cache of
-    `capacity` slots (one per call, so the passes after the prefill compile once per call);
-    returns (cache, key_valid, lengths, width, last log-probs)."""
+def _prefill_batch(model: Llama, sequences: Sequence[Sequence[int]], rows: int, extra: int):
+    """Prefill `sequences` padded to `rows` rows and their bucketed width, in a cache with
+    `extra` more slots; returns (cache, key_valid, lengths, width, last log-probs).
+
+    (Each batch's cache is as short as its prompts: one cache length per call instead would
+    compile the passes after the prefill once per call, not once per width, but made them
+    13-18% slower on the quickstart's mix of history lengths.)"""
     width = _width(max(len(s) for s in sequences))
     tokens, valid, positions = _left_padded(sequences, width, rows)
     cache, last = _prefill(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid))
-    if capacity > width:
-        cache = _grow(cache, capacity - width)
-    key_valid = _capacity_valid(valid, capacity)
+    if extra:
+        cache = _grow(cache, extra)
+    key_valid = _capacity_valid(valid, width + extra)
     lengths = np.zeros(rows, np.int32)
     lengths[: len(sequences)] = [len(s) for s in sequences]
     return cache, key_valid, lengths, width, last
@@ -243,10 +246,9 @@ def next_token_logprobs(model: Llama, groups: Sequence[PromptGroup], lead: Seque
     # one packed width (bucketed like prompts, so calls share it) and branch count per call
     width = _width(max(sum(len(s) + len(lead) for s in g.suffixes) for g in groups))
     branches = max(len(g.suffixes) for g in groups)
-    capacity = _width(max(len(g.prefix) for g in groups))
     for indices in _batches([len(g.prefix) for g in groups], users_per_batch, desc, progress):
         batch = [groups[i] for i in indices]
-        cache, key_valid, lengths, _, _ = _prefill_batch(model, [g.prefix for g in batch], users_per_batch, capacity)
+        cache, key_valid, lengths, _, _ = _prefill_batch(model, [g.prefix for g in batch], users_per_batch, 0)
         packed = _pack([[s + list(lead) for s in g.suffixes] for g in batch], width, users_per_batch, branches)
         last = np.maximum(packed["offsets"] + packed["lengths"] - 1, 0)
         logprobs = np.asarray(_branch_logprobs(
@@ -285,10 +287,9 @@ def listwise_rankings(
     piece_width = _bucket(max(len(p) for user in pieces for form in user for p in form), 8)  # cache slots per step
     # the packed titles of a step: one width per call, enough for every user's longest form
     width = _width(max(sum(len(p) for p in form) for user in pieces for form in user))
-    capacity = _width(max(len(c) for c in contexts)) + steps * piece_width
     for batch in _batches([len(c) for c in contexts], users_per_batch, "listwise", progress):
         cache, key_valid, lengths, prompt_width, last = _prefill_batch(
-            model, [contexts[u] for u in batch], users_per_batch, capacity
+            model, [contexts[u] for u in batch], users_per_batch, steps * piece_width
         )
         chosen = np.zeros((len(batch), k), bool)
         key_valid, next_position = jnp.asarray(key_valid), jnp.asarray(lengths)
@@ -313,10 +314,9 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_tokens: int, eo
              progress: bool = True) -> list[list[int]]:
     """Greedy free-text continuations (stopping at EOS), batched with a KV cache."""
     outputs: dict[int, list[int]] = {}
-    capacity = _width(max(len(p) for p in prompts)) + max_tokens
     for indices in _batches([len(p) for p in prompts], batch_size, "generate", progress):
         batch = [prompts[i] for i in indices]
-        cache, key_valid, lengths, width, last = _prefill_batch(model, batch, batch_size, capacity)
+        cache, key_valid, lengths, width, last = _prefill_batch(model, batch, batch_size, max_tokens)
         token = np.asarray(jnp.argmax(last, axis=-1)).astype(np.int32)
         generated = [[] for _ in batch]
         done = np.zeros(batch_size, bool)
