@@ -83,7 +83,7 @@ SINGLE_PROCESS_COMMANDS = {"data": ("data", "split"), "retrieval": ("retrieval",
 
 def single_process_stage(cfg: Config, stage: str, key: str) -> tuple[Path, bool]:
     """data, retrieval or instructions when this process is one of several (module docstring)."""
-    from recranker_jax.parallel import on_primary
+    from recranker_jax.parallel import broadcast_text, is_primary, on_primary
 
     def build_in_child() -> bool:
         if stage_key(cfg.run_dir, stage) == key:
@@ -103,9 +103,10 @@ def single_process_stage(cfg: Config, stage: str, key: str) -> tuple[Path, bool]
         return False
 
     cached = on_primary(f"the {stage} stage", build_in_child)
+    cached = broadcast_text(f"was the {stage} stage cached", str(cached) if is_primary() else None) == "True"
     for _ in range(30):  # a network filesystem may show another host's new files a little late
         if stage_key(cfg.run_dir, stage) == key:
-            return cfg.run_dir / stage, bool(cached)
+            return cfg.run_dir / stage, cached
         time.sleep(1)
     raise RecRankerError(
         f"{cfg.run_dir / stage}: this process does not see the stage process 0 finished; with several processes "

@@ -214,6 +214,14 @@ def test_launcher_runs_finetune_on_two_processes_like_one(tmp_path):
     assert "- 1\n  - 4\n  - 2\n" in (run / "config.yaml").read_text()  # the user's mesh, not the child's
     losses = [json.loads(line)["loss"] for line in (run / "finetune" / "train_log.jsonl").read_text().splitlines()]
 
+    # Again: process 0 finds the stage cached, and process 1 reports what process 0 found.
+    again = [*launcher[: launcher.index("--logs") + 1], str(tmp_path / "again"), "--", *command, "instructions",
+             "--config", "quickstart", f"run.root={tmp_path / 'multi'}", *FINETUNE]
+    done = subprocess.run(again, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    logs = [(tmp_path / "again" / f"process-{i}.log").read_text() for i in range(PROCESSES)]
+    assert done.returncode == 0, done.stderr + "\n".join(log[-3000:] for log in logs)
+    assert all("[instructions] cached" in log for log in logs), logs
+
     # One process with the same 8 devices, on the same instructions.
     single = load_config("quickstart", [f"run.root={tmp_path / 'single'}", *FINETUNE])
     for stage in ("data", "retrieval", "instructions"):

@@ -47,6 +47,9 @@ def test_split_prompts_concatenates_to_each_prompts_own_tokens(tokenizer):
     assert len(group.prefix) > 10
     for prompt, suffix in zip(prompts, group.suffixes):
         assert group.prefix + suffix == tokenizer(prompt)["input_ids"]
+    cached, full = scorers.token_counts([group, group])
+    assert full == 2 * sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    assert cached == 2 * (len(tokenizer(prompts[0][: len(prefix)])["input_ids"]) + sum(map(len, group.suffixes)))
 
 
 def test_prefix_cached_scores_equal_full_sequence_scores(tokenizer, model):

@@ -84,6 +84,14 @@ def split_prompts(tokenizer, prompts: Sequence[str], prefix_chars: int) -> Promp
     return PromptGroup(list(full[0][:n]), [list(ids[n:]) for ids in full])
 
 
+def token_counts(groups: Sequence[PromptGroup]) -> tuple[int, int]:
+    """Prompt tokens run (cached: each prefix once plus every suffix; full: every prompt on its
+    own, as generate-and-parse does). Their ratio bounds what prefix caching can save."""
+    cached = sum(len(g.prefix) + sum(len(s) for s in g.suffixes) for g in groups)
+    full = sum(len(g.prefix) * len(g.suffixes) + sum(len(s) for s in g.suffixes) for g in groups)
+    return cached, full
+
+
 def continuation_ids(tokenizer, context: str, piece: str) -> list[int]:
     """The token ids that `piece` adds after `context` (as the model sees it in training)."""
     before = tokenizer(context, add_special_tokens=False)["input_ids"]
@@ -144,16 +152,16 @@ def _branch_logprobs(model: Llama, tokens, cache: KVCache, positions, cache_vali
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-@nnx.jit(static_argnames="width")
+@nnx.jit(static_argnames="slots")
 def _listwise_step(model: Llama, cache: KVCache, key_valid, next_position, last_logprobs, start, tokens, branch_ids,
-                   within, offsets, lengths, width):
+                   within, offsets, lengths, slots):
     """One constrained decoding step for U users with up to k candidates each.
 
     tokens / branch_ids / within [U, T]: the titles of each user's not-yet-chosen candidates
     packed one after another (`_pack`), each a branch of its user's cache (read in place);
     offsets / lengths [U, k] locate candidate j's title in its row (length 0: chosen or
     absent). The title with the highest summed token log-probability is appended to the cache
-    (`width` slots from `start`). Returns the new state, the pick [U] and the scores [U, k]."""
+    (`slots` slots from `start`). Returns the new state, the pick [U] and the scores [U, k]."""
     users, k = lengths.shape
     logits, own = model.extend_branches(tokens, cache, next_position[:, None] + within, key_valid, branch_ids)
     logits = logits.astype(jnp.float32)
@@ -168,8 +176,8 @@ def _listwise_step(model: Llama, cache: KVCache, key_valid, next_position, last_
     picked_length, offset = lengths[user, pick], offsets[user, pick]
     end = jnp.maximum(offset + picked_length - 1, 0)
     new_last = logits[user, end] - normaliser[user, end, None]
-    key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.arange(width)[None] < picked_length[:, None], (0, start))
-    return cache.commit(own, offset, width, start), key_valid, next_position + picked_length, new_last, pick, score
+    key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.arange(slots)[None] < picked_length[:, None], (0, start))
+    return cache.commit(own, offset, slots, start), key_valid, next_position + picked_length, new_last, pick, score
 
 
 @nnx.jit
@@ -300,7 +308,7 @@ def listwise_rankings(
             cache, key_valid, next_position, last, pick, _ = _listwise_step(
                 model, cache, key_valid, next_position, last, jnp.asarray(prompt_width + step * piece_width, jnp.int32),
                 *(jnp.asarray(packed[key]) for key in ("tokens", "branch_ids", "within", "offsets", "lengths")),
-                width=piece_width,
+                slots=piece_width,
             )
             pick = np.asarray(pick)
             for row, u in enumerate(batch):
