@@ -195,7 +195,7 @@ def branch_attention(
     -> [U, T, KV, G, D]."""
     rows, length = q.shape[:2]
     mask = jnp.concatenate([jnp.broadcast_to(cache_valid[:, None, :], (rows, length, cache_valid.shape[1])),
-                            causal_mask(branch_ids)], axis=-1)  # padding (-1) sees only padding
+                            causal_mask(branch_ids)], axis=-1)  # padding (-1): a branch of its own
     keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
     values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
     return masked_attention(q, keys, values, mask)
