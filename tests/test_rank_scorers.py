@@ -121,6 +121,22 @@ def test_constrained_listwise_decoding_matches_brute_force_and_is_a_ranking(toke
         assert order == reference_listwise(model, contexts[user], pieces[user], 3)
 
 
+def test_a_user_with_fewer_candidates_than_places_ranks_them_all_and_nothing_more(tokenizer, model):
+    """k differs between users: the short list is ranked in full (brute-force order) and its
+    empty places stay 0, while the other user in the batch ranks its own top places."""
+    contexts, pieces = [], []
+    for shown in (TITLES, TITLES[3:]):  # 5 candidates, then 2
+        contexts.append(tokenizer("Candidates:\n" + "\n".join(shown) + "\nAnswer:")["input_ids"])
+        pieces.append([[scorers.continuation_ids(tokenizer, "Answer:", " " + t) for t in shown],
+                       [scorers.continuation_ids(tokenizer, TITLES[0], "\n" + t) for t in shown]])
+    positions = scorers.listwise_rankings(model, contexts, pieces, top=3, users_per_batch=2, progress=False)
+    assert positions.shape == (2, 5)
+    assert sorted(positions[0][positions[0] > 0].tolist()) == [1, 2, 3]
+    assert positions[1, 2:].tolist() == [0, 0, 0]
+    order = [int(np.flatnonzero(positions[1] == p)[0]) for p in (1, 2)]
+    assert order == reference_listwise(model, contexts[1], pieces[1], 2)
+
+
 def test_batched_generation_equals_one_prompt_at_a_time(model):
     prompts = [[5, 9, 13, 2, 7], [3, 4], [8, 8, 8, 1, 2, 3, 4, 6, 9]]
     got = scorers.generate(model, prompts, max_tokens=6, eos=-1, batch_size=2)
