@@ -25,7 +25,7 @@ def bench_rank(cfg: Config, users: int = 32, repeats: int = 1) -> dict:
     from recranker_jax.data.split import load_split
     from recranker_jax.pipeline import finetune_stage
     from recranker_jax.prompts.stage import read_candidates
-    from recranker_jax.rank.scorers import split_prompts, token_counts
+    from recranker_jax.rank.scorers import token_counts
     from recranker_jax.rank.stage import load_ranker, read_prompts
 
     if users < 1 or repeats < 1:
@@ -49,8 +49,7 @@ def bench_rank(cfg: Config, users: int = 32, repeats: int = 1) -> dict:
         if mode == "scores":  # how many prompt tokens each mode runs: a bound on the ratio
             for task in ("pointwise", "pairwise"):
                 if task in prompts:
-                    cached, full = token_counts([split_prompts(ranker.tokenizer, [r["prompt"] for r in prompts[task][u]],
-                                                               prompts[task][u][0]["prefix_chars"]) for u in chosen])
+                    cached, full = token_counts(ranker.prompt_groups([prompts[task][u] for u in chosen]))
                     bounds[f"{task}_prompt_token_ratio"] = full / cached
         for task in sorted(prompts):
             score(task)  # warm-up: compilation

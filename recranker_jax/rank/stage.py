@@ -96,6 +96,10 @@ class Ranker:
         outputs = scorers.generate(self.model, ids, max_tokens, self.tokenizer.eos_token_id, self.batch * 4)
         return self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
 
+    def prompt_groups(self, groups: list[list[dict]]) -> list[scorers.PromptGroup]:
+        """Each user's prompts of one task as token ids: the shared prefix and each suffix."""
+        return [scorers.split_prompts(self.tokenizer, [r["prompt"] for r in g], g[0]["prefix_chars"]) for g in groups]
+
     def pointwise(self, groups: list[list[dict]]) -> tuple[list[np.ndarray], float]:
         """Per user, the predicted rating of each prompt's candidate; and the unreadable rate."""
         records = [r for g in groups for r in g]
@@ -104,7 +108,7 @@ class Ranker:
             values = np.array([3.0 if p is None else p for p in parsed])  # the reference's fallback
             unreadable = float(np.mean([p is None for p in parsed])) if parsed else 0.0
         else:
-            split = [scorers.split_prompts(self.tokenizer, [r["prompt"] for r in g], g[0]["prefix_chars"]) for g in groups]
+            split = self.prompt_groups(groups)
             logprobs = scorers.next_token_logprobs(self.model, split, self.ratings.lead, self.batch, "pointwise")
             values, unreadable = scorers.expected_ratings(np.stack(logprobs), self.ratings), 0.0
         return np.split(values, np.cumsum([len(g) for g in groups])[:-1]), unreadable
@@ -115,7 +119,7 @@ class Ranker:
         if self.generate_mode:
             answers = np.array([scorers.parse_yes_no(t) for t in self._generate(records, 8)], np.int8)
         else:
-            split = [scorers.split_prompts(self.tokenizer, [r["prompt"] for r in g], g[0]["prefix_chars"]) for g in groups]
+            split = self.prompt_groups(groups)
             logprobs = scorers.next_token_logprobs(self.model, split, self.yes_no.lead, self.batch, "pairwise")
             answers = scorers.prefers_first(np.stack(logprobs), self.yes_no)
         unreadable = float(np.mean(answers < 0)) if len(answers) else 0.0
