@@ -79,20 +79,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(bench_rank, default_config="quickstart")
     bench_rank.add_argument("--users", type=int, default=32, help="test users whose prompts are scored (default 32)")
     bench_rank.add_argument("--repeats", type=int, default=1, help="timed repeats after one warm-up (median)")
+    bench_rank.add_argument("--preset", default="run",
+                            help="the model: run (default; the run's tuned model), 7b (LLaMA-2 7B shapes, random "
+                                 "bfloat16 weights; accelerators) or tiny (the same path, 2 small layers); the random "
+                                 "presets need no finetune stage")
+    bench_rank.add_argument("--layers", type=int, help="a random preset at this many layers")
+    bench_rank.add_argument("--no-torch", action="store_true",
+                            help="skip transformers' generate on the same device and weights")
     bench_rank.add_argument("--out", help="also write the results as JSON to this file")
     bench_train = bench_commands.add_parser(
-        "train", help="training-step tokens/s and peak memory: JAX vs transformers' PyTorch LlamaForCausalLM (CPU)"
+        "train", help="training-step tokens/s, MFU and peak memory: JAX vs transformers' PyTorch LlamaForCausalLM "
+                      "(+ peft LoRA) on the same device (CPU or CUDA GPU)"
     )
     _add_common(bench_train, default_config="quickstart")
-    bench_train.add_argument("--preset", default="quickstart", choices=["quickstart", "quickstart-answers", "7b-lora", "config"],
+    bench_train.add_argument("--preset", default="quickstart",
+                             choices=["quickstart", "quickstart-answers", "tiny-lora", "7b-lora", "config"],
                              help="problem size: quickstart (default; the CPU model, loss on every position), "
                                   "quickstart-answers (the same, loss on answer tokens as in the finetune), "
-                                  "7b-lora (accelerators, JAX only), or config (the config's model and train sections)")
+                                  "tiny-lora (a small float32 LoRA problem, for tests), 7b-lora (accelerators; "
+                                  "PyTorch + PEFT on CUDA), or config (the config's model and train sections)")
     bench_train.add_argument("--repeats", type=int, default=5, help="timed steps per side, interleaved (median)")
     bench_train.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
     bench_train.add_argument("--no-torch", action="store_true", help="time JAX only")
     bench_train.add_argument("--cpus", help="pin both sides to these CPUs, e.g. 0 or 0,1 (PyTorch: that many threads)")
+    bench_train.add_argument("--remat", metavar="POLICY",
+                             help="the JAX side's remat policy, overriding the preset's (auto, none, minimal, dots, full); "
+                                  "PyTorch uses gradient checkpointing unless it resolves to none")
     bench_train.add_argument("--out", help="also write the results as JSON to this file")
+    bench_compile = bench_commands.add_parser(
+        "compile", help="the training step of a bench train preset lowered and compiled from abstract shapes: "
+                        "program size, seconds, memory"
+    )
+    _add_common(bench_compile, default_config="quickstart")
+    bench_compile.add_argument("--preset", default="7b-lora", help="a bench train preset (default 7b-lora) or config")
+    bench_compile.add_argument("--layers", type=int, help="the preset at this many layers")
+    bench_compile.add_argument("--loop", action="store_true", help="looped layers instead of scanned")
+    bench_compile.add_argument("--remat", help="the remat policy (default: the preset's)")
+    bench_compile.add_argument("--out", help="also write the results as JSON to this file")
     bench_compare = bench_commands.add_parser("compare", help="bench result files side by side, with ratios to the first")
     bench_compare.add_argument("files", nargs="+", metavar="RESULT.json", help="files written by recranker bench")
 
@@ -269,7 +292,8 @@ def cmd_bench_all(args: argparse.Namespace) -> int:
 def cmd_bench_rank(args: argparse.Namespace) -> int:
     from recranker_jax.bench.rank import bench_rank, format_results
 
-    doc = bench_rank(load_config(args.config, args.overrides), users=args.users, repeats=args.repeats)
+    doc = bench_rank(load_config(args.config, args.overrides), users=args.users, repeats=args.repeats,
+                     preset=args.preset, layers=args.layers, compare_torch=not args.no_torch)
     return _show_results(doc, format_results, args.out)
 
 
@@ -277,7 +301,15 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from recranker_jax.bench.train import bench_train, format_results
 
     doc = bench_train(load_config(args.config, args.overrides), repeats=args.repeats, preset=args.preset,
-                      warmup=args.warmup, compare_torch=not args.no_torch, cpus=args.cpus)
+                      warmup=args.warmup, compare_torch=not args.no_torch, cpus=args.cpus, remat=args.remat)
+    return _show_results(doc, format_results, args.out)
+
+
+def cmd_bench_compile(args: argparse.Namespace) -> int:
+    from recranker_jax.bench.compile import bench_compile, format_results
+
+    doc = bench_compile(load_config(args.config, args.overrides), preset=args.preset, scan_layers=not args.loop,
+                        layers=args.layers, remat=args.remat)
     return _show_results(doc, format_results, args.out)
 
 
@@ -319,6 +351,7 @@ COMMANDS = {
     ("bench", "compare"): cmd_bench_compare,
     ("bench", "rank"): cmd_bench_rank,
     ("bench", "train"): cmd_bench_train,
+    ("bench", "compile"): cmd_bench_compile,
     ("bench", "all"): cmd_bench_all,
     ("plan", None): cmd_plan,
     ("quickstart", None): cmd_pipeline,
@@ -335,8 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     action = getattr(args, "data_command", None) or getattr(args, "bench_command", None)
     handler = COMMANDS[(args.command, action)]
     try:
-        from recranker_jax.parallel import initialize_distributed
+        from recranker_jax.parallel import initialize_distributed, set_xla_flags
 
+        set_xla_flags()  # before any backend starts (the bench workers inherit them)
         initialize_distributed()  # several processes (TPU pod, Slurm, RECRANKER_*): join them first
         return handler(args)
     except RecRankerError as err:

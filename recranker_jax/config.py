@@ -196,7 +196,12 @@ class ModelConfig:
     """The ranker LLM: a local Hugging Face LLaMA folder (`checkpoint`), or, when null, a
     LLaMA-architecture model trained from scratch with the sizes below (vocabulary from the
     run's tokenizer). `dtype` is the compute dtype, `param_dtype` the stored weights'
-    (bfloat16 halves their memory; LoRA adapters and optimizer moments stay float32)."""
+    (bfloat16 halves their memory; LoRA adapters and optimizer moments stay float32).
+
+    How it runs (not what it computes; not part of any stage's cache key): `scan_layers` runs
+    the layers as one stacked block under `nnx.scan` (compile time independent of depth) or,
+    false, as a Python loop; `attention` is the causal attention kernel (`llm/attention.py`:
+    auto picks per platform)."""
 
     checkpoint: str | None = None
     hidden_size: int = 128
@@ -208,6 +213,8 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    scan_layers: bool = True
+    attention: Literal["auto", "tiled", "xla", "pallas_gpu", "cudnn", "splash"] = "auto"
 
 
 @dataclasses.dataclass
@@ -224,7 +231,9 @@ class LoRAConfig:
 @dataclasses.dataclass
 class TrainConfig:
     """Instruction tuning: packed rows of `seq_len` tokens, `batch_size` rows a step (split
-    over the mesh's batch axes); `remat` recomputes layer activations in the backward pass."""
+    over the mesh's batch axes); `remat` is the rematerialisation policy of the layers
+    (`llm/remat.py`: none, minimal, dots, full, or auto: none on the CPU, dots elsewhere;
+    not part of the finetune's cache key, like `model.scan_layers` and `model.attention`)."""
 
     seq_len: int = 1152
     batch_size: int = 4
@@ -235,7 +244,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     accumulation: int = 1
     save_every: int = 50
-    remat: bool = False
+    remat: Literal["auto", "none", "minimal", "dots", "full"] = "auto"
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 

@@ -88,6 +88,29 @@ def axis_size(mesh: Mesh, logical_name: str, rules: dict[str, list[str]]) -> int
     return math.prod(mesh.shape[a] for a in rules.get(logical_name, []))
 
 
+# ----------------------------------------------------------------------------- XLA flags
+
+# Set by the program on every run (XLA reads XLA_FLAGS once, when the first backend starts).
+# The latency-hiding scheduler overlaps collectives and copies with compute on GPUs (the other
+# backends ignore xla_gpu_* flags). A flag the user already set keeps the user's value;
+# RECRANKER_XLA_FLAGS=off adds none.
+ACCELERATOR_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+
+
+def set_xla_flags(environ: dict | None = None) -> str:
+    """Add `ACCELERATOR_FLAGS` to XLA_FLAGS in `environ` (default os.environ); returns XLA_FLAGS.
+    Call it before any JAX computation."""
+    environ = os.environ if environ is None else environ
+    flags = environ.get("XLA_FLAGS", "")
+    if environ.get("RECRANKER_XLA_FLAGS", "") == "off":
+        return flags
+    given = {part.split("=")[0] for part in flags.split()}
+    added = [flag for flag in ACCELERATOR_FLAGS if flag.split("=")[0] not in given]
+    if added:
+        environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    return environ.get("XLA_FLAGS", "")
+
+
 # ----------------------------------------------------------------------------- several processes
 #
 # One process per host (TPU VM, Slurm task, or a local process in tests) runs the same

@@ -210,8 +210,14 @@ def instructions_stage(cfg: Config, progress: bool = True) -> tuple[Path, bool]:
     )
 
 
+# How the model runs, not what it learns: changing these reuses a finished finetune and its checkpoints.
+EXECUTION_SETTINGS = {"model": ("scan_layers", "attention"), "train": ("remat",)}
+
+
 def finetune_key(cfg: Config) -> str:
-    return fingerprint("finetune", instructions_key(cfg), cfg.model, cfg.train, cfg.run.seed)
+    model, train = ({k: v for k, v in dataclasses.asdict(getattr(cfg, section)).items()
+                     if k not in EXECUTION_SETTINGS[section]} for section in ("model", "train"))
+    return fingerprint("finetune", instructions_key(cfg), model, train, cfg.run.seed)
 
 
 def finetune_stage(cfg: Config, progress: bool = True) -> tuple[Path, bool]:

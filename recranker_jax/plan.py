@@ -25,8 +25,11 @@ Per device, for T trainable weights (all `nnx.Param`s, or only the adapters with
   + b s r a per adapted projection; the head saves b s d a + b s V (a + 12) (logits, float32
   logits, log-probabilities and their gradient); the backward pass of one block adds
   b H s^2 8 (float32 gradients of the probabilities and the scores).
-  remat off: L blocks + head + backward; remat on (one checkpoint per block): L b s d a
-  (block inputs) + one block recomputed + head + backward.
+  train.remat (`llm.remat`) none: L blocks + head + backward; otherwise L times what the policy
+  keeps of a block + one block recomputed + head + backward, where full keeps the block input
+  (b s d a), minimal adds q and k after rotary, v and the attention output, dots adds the
+  seven projections' outputs (q, k, v, o, gate, up, down). auto is planned as on an
+  accelerator (dots).
   Checked against the temp bytes of XLA's compiled memory analysis of the loss gradient on
   the CPU (no remat; 4-8 layers, 8-16 heads, s 256-512, float32 and bfloat16): from 8% under
   to 11% over. Accelerator compilers fuse and schedule differently; treat a plan within 10%
@@ -178,13 +181,21 @@ def _activation_bytes(llama_config, lora, batch_size: int, seq_len: int, act_byt
         block += per_device((b, s, lora.rank), ("batch", None, None), a) * len(normalise_targets(lora.targets))
     head = residual + per_device((b, s, vocab), ("batch", None, "vocab"), a + 12)
     transient = scores * 8  # one block's backward: float32 gradients of the probabilities and the scores
-    return {"block": block, "block_input": residual, "head": head, "transient": transient}
+    queries = per_device((b, s, heads * hd), ("batch", None, "heads"), a)
+    keys = per_device((b, s, kv * hd), ("batch", None, "kv_heads"), a)
+    kept = {  # what each remat policy keeps of a block for the backward pass
+        "none": block,
+        "minimal": residual + 2 * queries + 2 * keys,  # input, q and k after rotary, v, attention output
+        "dots": residual + queries + 2 * keys + 2 * residual + per_device((b, s, inter), ("batch", None, "mlp"), a) * 2,
+        "full": residual,
+    }
+    return {"block": block, "kept": kept, "head": head, "transient": transient}
 
 
 def plan_memory(
     cfg: Config, n_devices: int, mesh_shape: Sequence[int] | None = None, arch: str | None = None,
     device_memory_gb: float | None = None, device_kind: str | None = None, param_dtype: str | None = None,
-    compute_dtype: str | None = None, remat: bool | None = None,
+    compute_dtype: str | None = None, remat: str | None = None,
 ) -> dict[str, Any]:
     """The memory plan of `cfg`'s finetune stage on `n_devices` (a plain, JSON-ready dict).
 
@@ -209,7 +220,9 @@ def plan_memory(
 
     param_dtype = _dtype_name(param_dtype or getattr(cfg.model, "param_dtype", "float32"), "model.param_dtype")
     compute_dtype = _dtype_name(compute_dtype or getattr(cfg.model, "dtype", "float32"), "model.dtype")
-    remat = bool(getattr(cfg.train, "remat", False) if remat is None else remat)
+    from recranker_jax.llm.remat import resolve
+
+    remat = resolve(cfg.train.remat if remat is None else remat, platform="accelerator")
     t = cfg.train
     lora = t.lora if t.lora.enabled else None
     llama, source = resolve_architecture(cfg, arch)
@@ -232,8 +245,8 @@ def plan_memory(
 
     act = _activation_bytes(llama, lora, t.batch_size, t.seq_len, DTYPE_BYTES[compute_dtype], rules, sizes)
     layers = llama.num_hidden_layers
-    activations_off = layers * act["block"] + act["head"] + act["transient"]
-    activations_on = layers * act["block_input"] + act["block"] + act["head"] + act["transient"]
+    activations = {policy: layers * kept + (act["block"] if policy != "none" else 0) + act["head"] + act["transient"]
+                   for policy, kept in act["kept"].items()}
 
     state = {
         "parameters": per_device["base"] * DTYPE_BYTES[param_dtype],
@@ -249,7 +262,8 @@ def plan_memory(
     if device_memory_gb <= 0:
         raise RecRankerError(f"--device-memory {device_memory_gb}: expected a positive number of GB")
     capacity = device_memory_gb * GB
-    total_off, total_on = fixed + activations_off, fixed + activations_on
+    total = fixed + activations[remat]
+    total_off, total_on = fixed + activations["none"], fixed + activations["full"]
     return {
         "architecture": {"source": source, **{k: getattr(llama, k) for k in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -258,11 +272,11 @@ def plan_memory(
         "tuning": f"LoRA {','.join(lora.targets)} rank {lora.rank}" if lora else "full",
         "devices": n_devices, "mesh": sizes, "batch_size": t.batch_size, "rows_per_batch_shard": rows,
         "seq_len": t.seq_len, "param_dtype": param_dtype, "compute_dtype": compute_dtype, "remat": remat,
-        "bytes_per_device": {**state, "activations_remat_off": activations_off, "activations_remat_on": activations_on,
-                             "total_remat_off": total_off, "total_remat_on": total_on,
-                             "total": total_on if remat else total_off},
+        "bytes_per_device": {**state, "activations": activations[remat], "total": total,
+                             "activations_remat_off": activations["none"], "activations_remat_on": activations["full"],
+                             "total_remat_off": total_off, "total_remat_on": total_on},
         "device_memory_gb": device_memory_gb, "device_memory_source": memory_source,
-        "fits": (total_on if remat else total_off) <= capacity,
+        "fits": total <= capacity,
         "fits_remat_off": total_off <= capacity, "fits_remat_on": total_on <= capacity,
     }
 
@@ -303,18 +317,19 @@ def format_plan(plan: dict[str, Any]) -> str:
         ("optimizer state (AdamW, float32)", b["optimizer"]),
         ("gradients (float32)", b["gradients"]),
         ("gradient accumulator (float32)", b["accumulator"]),
-        ("activations, remat off", b["activations_remat_off"]),
-        ("activations, remat on", b["activations_remat_on"]),
-        ("total, remat off", b["total_remat_off"]),
-        ("total, remat on", b["total_remat_on"]),
+        (f"activations, remat {plan['remat']}", b["activations"]),
+        ("activations, remat none / full", None),
+        (f"total, remat {plan['remat']}", b["total"]),
     ]
-    lines += [f"{name:<34}{value / GB:>9.2f}" for name, value in rows]
+    lines += [f"{name:<34}{value / GB:>9.2f}" if value is not None else
+              f"{name:<34}{b['activations_remat_off'] / GB:>9.2f} / {b['activations_remat_on'] / GB:.2f}"
+              for name, value in rows]
     lines.append(f"{'device memory':<34}{plan['device_memory_gb']:>9.2f}  ({plan['device_memory_source']})")
     used = b["total"] / (plan["device_memory_gb"] * GB)
     verdict = "does NOT fit" if not plan["fits"] else "fits, with little headroom" if used > 0.9 else "fits"
-    lines.append(f"with train.remat={str(plan['remat']).lower()}: {verdict} ({used:.0%} of device memory)")
-    if not plan["remat"] and (not plan["fits"] or used > 0.9) and plan["fits_remat_on"]:
-        lines.append(f"with train.remat=true: fits ({b['total_remat_on'] / (plan['device_memory_gb'] * GB):.0%})")
+    lines.append(f"with train.remat={plan['remat']}: {verdict} ({used:.0%} of device memory)")
+    if plan["remat"] != "full" and (not plan["fits"] or used > 0.9) and plan["fits_remat_on"]:
+        lines.append(f"with train.remat=full: fits ({b['total_remat_on'] / (plan['device_memory_gb'] * GB):.0%})")
     return "\n".join(lines)
 
 

@@ -103,7 +103,7 @@ def test_check_mesh_fits_resolves_the_mesh_and_the_batch(capsys):
 
 def script(name: str, *args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RECRANKER_", "CONFIG", "DRY_RUN"))}
-    environ.update(PYTHON=sys.executable, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **env)
+    environ.update({"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **env})
     return subprocess.run(["bash", str(REPO / "launch" / name), *args], check=False, cwd=cwd, env=environ, capture_output=True,
                           text=True, timeout=120)
 
@@ -232,3 +232,34 @@ def test_slurm_refuses_a_mesh_that_does_not_fit_and_a_missing_config(tmp_path):
     assert missing.returncode == 2 and missing.stderr.startswith("error: CONFIG is not set: run CONFIG=configs/x.yaml sbatch")
     stray = script("gpu_slurm.sbatch", "--dry-run", "finetune", cwd=tmp_path, CONFIG="quickstart")
     assert stray.returncode == 2 and stray.stderr == "error: finetune: expected a key=value override\n"
+
+
+def test_accelerator_check_gives_each_part_what_is_left_of_the_budget(tmp_path):
+    """A stand-in python: the first part succeeds, rank-7b fails, the third takes 16 of the 45
+    seconds, so the last two are skipped; every part's log and a summary are written."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        '[[ "$1" == "-" ]] && { echo "jax 0.0 (stand-in)"; exit 0; }\n'
+        'echo "$*" >> "$CALLS"\n'
+        'case "$*" in\n'
+        '  *rank-7b.json*) echo "error: rank failed here" >&2; exit 2 ;;\n'
+        '  *remat-none*) sleep 16 ;;\n'
+        "esac\n"
+        'echo "table of $*"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    done = script("accelerator_check.sh", "--out", str(out), "--budget", "45", cwd=tmp_path, PYTHON=str(fake),
+                  CALLS=str(tmp_path / "calls"))
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [call.split("--out ")[1] for call in calls] == [
+        f"{out}/train-7b-lora.json", f"{out}/rank-7b.json", f"{out}/train-7b-lora-remat-none.json"]
+    assert calls[0].startswith("-m recranker_jax.cli bench train --preset 7b-lora")
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("train-7b-lora: ok in ")
+    assert summary[1] == "rank-7b: failed (exit 2): error: rank failed here"
+    assert summary[2].startswith("train-7b-lora-remat-none: ok in 1")
+    assert summary[3:] == ["train-7b-lora-remat-full: skipped (budget spent)", "rank-7b-torch: skipped (budget spent)"]
+    assert (out / "environment.txt").read_text().count("stand-in") == 1
+    assert (out / "train-7b-lora.log").read_text().startswith("table of -m recranker_jax.cli bench train")

@@ -5,15 +5,17 @@ KVCache.commit against the copy's own cache."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from recranker_jax.llm.llama import KVCache, Llama, LlamaConfig
 
 
-def test_branches_equal_continuations_of_copied_caches():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_branches_equal_continuations_of_copied_caches(scan_layers):
     cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
-    model = Llama(cfg, nnx.Rngs(5))
+    model = Llama(cfg, nnx.Rngs(5), scan_layers=scan_layers)
     rng = np.random.default_rng(0)
     users, width, branches, capacity = 2, 4, 3, 16
     # left-padded prefixes of 7 and 9 tokens in a 9-slot prefill
@@ -50,7 +52,7 @@ def test_branches_equal_continuations_of_copied_caches():
     rows = np.repeat(np.arange(users), branches)
     row_valid = cache_valid[rows].copy()
     row_valid[:, 9 : 9 + width] = valid.reshape(-1, width)
-    want, copied = model.extend(jnp.asarray(tokens.reshape(-1, width)), jax.tree.map(lambda a: a[rows], cache), 9,
+    want, copied = model.extend(jnp.asarray(tokens.reshape(-1, width)), jax.tree.map(lambda a: a[:, rows], cache), 9,
                                 jnp.asarray(positions.reshape(-1, width)), jnp.asarray(row_valid))
     want = np.asarray(want).reshape(users, branches, width, -1)
     for u in range(users):
@@ -60,8 +62,8 @@ def test_branches_equal_continuations_of_copied_caches():
 
     picks = np.array([2, 0])
     committed = cache.commit(own, jnp.asarray(offsets[np.arange(users), picks]), width, 9)
-    for layer, reference in zip(committed.layers, copied.layers):
-        for got, full in ((layer.keys, reference.keys), (layer.values, reference.values)):
+    for got_layers, full_layers in ((committed.keys, copied.keys), (committed.values, copied.values)):
+        for got, full in zip(got_layers, full_layers):  # layer by layer
             got, full = np.asarray(got), np.asarray(full).reshape(users, branches, capacity, *got.shape[2:])
             for u, pick in enumerate(picks):
                 end = 9 + lengths[u, pick]  # the picked branch's real tokens; the rest of its W slots stay invalid

@@ -29,9 +29,10 @@ def save_tiny_llama(folder, tie=False, seed=0, rope=None):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_imported_model_gives_torch_logits(tmp_path, tie):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_imported_model_gives_torch_logits(tmp_path, tie, scan_layers):
     reference = save_tiny_llama(tmp_path, tie=tie)
-    model = load_hf_llama(tmp_path)
+    model = load_hf_llama(tmp_path, scan_layers=scan_layers)
     tokens = np.random.default_rng(0).integers(0, 97, (2, 17))
     with torch.no_grad():
         want = reference(torch.from_numpy(tokens)).logits.numpy()
@@ -92,8 +93,8 @@ def test_a_cached_shared_prefix_gives_the_full_sequence_logits(tmp_path):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(full)[:, 11:], atol=1e-5)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_exported_folder_loads_in_transformers_with_equal_logits(tmp_path, tie):
+@pytest.mark.parametrize(("tie", "scan_layers"), [(False, True), (True, False)])
+def test_exported_folder_loads_in_transformers_with_equal_logits(tmp_path, tie, scan_layers):
     from flax import nnx
 
     from recranker_jax.llm.hf_export import export_hf
@@ -101,19 +102,20 @@ def test_exported_folder_loads_in_transformers_with_equal_logits(tmp_path, tie):
 
     cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, rope_theta=2000.0, tie_word_embeddings=tie)
-    model = Llama(cfg, nnx.Rngs(7))  # trained-from-scratch shape: random JAX weights
+    model = Llama(cfg, nnx.Rngs(7), scan_layers=scan_layers)  # trained-from-scratch shape: random JAX weights
     export_hf(model, tmp_path / "out")
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens = np.random.default_rng(3).integers(0, 61, (2, 13))
     with torch.no_grad():
         want = reloaded(torch.from_numpy(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), want, atol=1e-4, rtol=1e-4)
-    round_trip = load_hf_llama(tmp_path / "out")
-    np.testing.assert_array_equal(np.asarray(round_trip(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))))
+    round_trip = load_hf_llama(tmp_path / "out", scan_layers=not scan_layers)  # either layout reads it
+    np.testing.assert_allclose(np.asarray(round_trip(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))), atol=1e-6)
 
 
-def test_import_onto_a_mesh_places_each_tensor_in_its_sharding(tmp_path):
-    import jax
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_import_onto_a_mesh_places_each_tensor_in_its_sharding(tmp_path, scan_layers):
+    from flax import nnx
 
     from recranker_jax.config import MeshConfig
     from recranker_jax.parallel import logical_spec, make_mesh
@@ -121,23 +123,30 @@ def test_import_onto_a_mesh_places_each_tensor_in_its_sharding(tmp_path):
     save_tiny_llama(tmp_path)
     mesh_cfg = MeshConfig(shape=[2, 2, 2])
     mesh = make_mesh(mesh_cfg)
-    sharded = load_hf_llama(tmp_path, mesh=mesh, rules=mesh_cfg.rules)
-    plain = load_hf_llama(tmp_path)
-    q = sharded.layers[1].self_attn.q_proj.kernel.get_value()
-    assert q.sharding.spec == logical_spec(("embed", "heads"), mesh_cfg.rules)
+    sharded = load_hf_llama(tmp_path, mesh=mesh, rules=mesh_cfg.rules, scan_layers=scan_layers)
+    plain = load_hf_llama(tmp_path, scan_layers=False)
+    want = np.asarray(plain.layers[1].self_attn.q_proj.kernel.get_value())
+    if scan_layers:  # one stacked kernel [layers, embed, heads]; the layers axis is not split
+        q = sharded.layers.self_attn.q_proj.kernel.get_value()
+        assert q.sharding.spec == logical_spec(("layers", "embed", "heads"), mesh_cfg.rules)
+        assert {shard.data.shape for shard in q.addressable_shards} == {(3, 24, 24)}
+        np.testing.assert_array_equal(np.asarray(q)[1], want)
+    else:
+        q = sharded.layers[1].self_attn.q_proj.kernel.get_value()
+        assert q.sharding.spec == logical_spec(("embed", "heads"), mesh_cfg.rules)
+        # Each device holds only its block: [48 / fsdp 2, 48 / tensor 2].
+        assert {shard.data.shape for shard in q.addressable_shards} == {(24, 24)}
+        np.testing.assert_array_equal(np.asarray(q), want)
     # A vocabulary of 97 does not split over 2 tensor shards: that dimension stays whole.
     assert tuple(sharded.embed_tokens.embedding.get_value().sharding.spec) == (None, "fsdp")
-    # Each device holds only its block: [48 / fsdp 2, 48 / tensor 2].
-    assert {shard.data.shape for shard in q.addressable_shards} == {(24, 24)}
-    np.testing.assert_array_equal(np.asarray(q), np.asarray(plain.layers[1].self_attn.q_proj.kernel.get_value()))
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 9)))
-    np.testing.assert_allclose(np.asarray(jax.jit(lambda t: sharded(t))(tokens)), np.asarray(plain(tokens)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, t: m(t))(sharded, tokens)), np.asarray(plain(tokens)), atol=1e-5)
 
 
 def test_bfloat16_parameters_and_compute_stay_close_to_float32(tmp_path):
     reference = save_tiny_llama(tmp_path)
     model = load_hf_llama(tmp_path, dtype="bfloat16", param_dtype="bfloat16")
-    assert model.layers[0].mlp.up_proj.kernel.get_value().dtype == jnp.bfloat16
+    assert model.layers.mlp.up_proj.kernel.get_value().dtype == jnp.bfloat16
     tokens = np.random.default_rng(0).integers(0, 97, (2, 17))
     got = model(jnp.asarray(tokens))
     assert got.dtype == jnp.bfloat16
@@ -149,7 +158,9 @@ def test_bfloat16_parameters_and_compute_stay_close_to_float32(tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.8
 
 
-def test_remat_gives_the_same_gradients(tmp_path):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_every_remat_policy_gives_the_same_gradients(scan_layers):
+    import jax
     from flax import nnx
 
     from recranker_jax.llm.llama import Llama, LlamaConfig
@@ -159,14 +170,14 @@ def test_remat_gives_the_same_gradients(tmp_path):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 12)))
 
     def grads(remat):
-        model = Llama(cfg, nnx.Rngs(3), remat=remat)
+        model = Llama(cfg, nnx.Rngs(3), remat=remat, scan_layers=scan_layers)
         loss = lambda m: jnp.mean(m(tokens) ** 2)  # noqa: E731
         return nnx.state(nnx.grad(loss)(model), nnx.Param)
 
-    import jax
-
-    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    want = jax.tree.leaves(grads("none"))
+    for policy in ("minimal", "dots", "full"):
+        for a, b in zip(want, jax.tree.leaves(grads(policy))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 def test_padded_cache_batches_give_each_rows_own_logits(tmp_path):

@@ -30,8 +30,18 @@ def forward(model, inputs):
     return model(inputs)
 
 
-def tiny_model(seed=0):
-    return Llama(TINY, nnx.Rngs(seed))
+def tiny_model(seed=0, scan_layers=True):
+    return Llama(TINY, nnx.Rngs(seed), scan_layers=scan_layers)
+
+
+def block(model, index):
+    """Layer `index`'s block (looped layers), or the stacked block of scanned layers."""
+    return model.layers if model.scan_layers else model.layers[index]
+
+
+@pytest.fixture(params=[True, False], ids=["scanned", "looped"])
+def scan_layers(request):
+    return request.param
 
 
 def tokens(batch=2, length=11, seed=0, vocab=61):
@@ -55,24 +65,26 @@ def expected_lora_count(cfg, projections, rank):
     return cfg.num_hidden_layers * sum(rank * sum(shapes[p]) for p in projections)
 
 
-def test_fresh_adapters_leave_logits_unchanged():
-    model = tiny_model()
+def test_fresh_adapters_leave_logits_unchanged(scan_layers):
+    model = tiny_model(scan_layers=scan_layers)
     inputs = tokens()
     base_logits = np.asarray(forward(model, inputs))
     apply_lora(model, ALL_TARGETS, rank=4, alpha=8.0, dropout=0.0, rngs=nnx.Rngs(1))
-    assert len(lora_modules(model)) == 7 * TINY.num_hidden_layers
-    assert isinstance(model.layers[1].mlp.down_proj, LoRALinear)
+    assert len(lora_modules(model)) == 7 * (1 if scan_layers else TINY.num_hidden_layers)
+    assert isinstance(block(model, 1).mlp.down_proj, LoRALinear)
     # B = 0 makes the update exactly zero
     np.testing.assert_array_equal(np.asarray(forward(model, inputs)), base_logits)
     # A follows PEFT's kaiming-uniform(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)), not zero
-    lora_a = np.asarray(model.layers[0].mlp.down_proj.lora_a[...])
+    lora_a = np.asarray(block(model, 0).mlp.down_proj.lora_a[...])
     bound = 1 / np.sqrt(TINY.intermediate_size)
-    assert lora_a.shape == (TINY.intermediate_size, 4)
+    assert lora_a.shape == (TINY.num_hidden_layers,) * scan_layers + (TINY.intermediate_size, 4)
+    if scan_layers:  # each layer its own draw
+        assert not np.array_equal(lora_a[0], lora_a[1])
     assert np.abs(lora_a).max() <= bound and np.abs(lora_a).max() > 0.8 * bound
 
 
-def test_merge_gives_the_unmerged_logits():
-    model = tiny_model()
+def test_merge_gives_the_unmerged_logits(scan_layers):
+    model = tiny_model(scan_layers=scan_layers)
     inputs = tokens()
     base_logits = np.asarray(forward(model, inputs))
     # the same adapters as above (q_proj and q name the same projection), so the compiled forward is reused
@@ -83,14 +95,14 @@ def test_merge_gives_the_unmerged_logits():
     assert np.abs(lora_logits - base_logits).max() > 1e-2
     merge_lora(model)
     assert not lora_modules(model)
-    assert type(model.layers[0].self_attn.q_proj) is nnx.Linear
-    assert type(model.layers[1].mlp.down_proj) is nnx.Linear
+    assert type(block(model, 0).self_attn.q_proj) is nnx.Linear
+    assert type(block(model, 1).mlp.down_proj) is nnx.Linear
     assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
     np.testing.assert_allclose(np.asarray(forward(model, inputs)), lora_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_dropout_is_active_in_training_and_off_in_eval():
-    model = tiny_model()
+def test_dropout_is_active_in_training_and_off_in_eval(scan_layers):
+    model = tiny_model(scan_layers=scan_layers)
     inputs = tokens()
     base_logits = np.asarray(forward(model, inputs))
     apply_lora(model, ["q", "v"], rank=4, alpha=4.0, dropout=0.5, rngs=nnx.Rngs(3))
@@ -106,10 +118,10 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     np.testing.assert_allclose(np.asarray(forward(model, inputs)), evaluated, atol=1e-5, rtol=1e-5)
 
 
-def test_only_adapters_train():
+def test_only_adapters_train(scan_layers):
     projections = ("q_proj", "v_proj", "down_proj")
     rank = 4
-    model = tiny_model()
+    model = tiny_model(scan_layers=scan_layers)
     apply_lora(model, projections, rank=rank, alpha=8.0, dropout=0.1, rngs=nnx.Rngs(4))
     randomise_b(model)  # with B = 0 the gradient of A would be zero too
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
@@ -145,14 +157,14 @@ def test_only_adapters_train():
         assert not np.array_equal(np.asarray(lora_after[path][...]), before[...]), path
 
 
-@pytest.mark.parametrize("targets", [("q", "v"), ALL_TARGETS])
-def test_peft_export_gives_the_same_logits_in_torch(tmp_path, targets):
+@pytest.mark.parametrize(("targets", "scan_layers"), [(("q", "v"), True), (ALL_TARGETS, True), (ALL_TARGETS, False)])
+def test_peft_export_gives_the_same_logits_in_torch(tmp_path, targets, scan_layers):
     torch = pytest.importorskip("torch", reason="the PyTorch reference needs the test extra")
     peft = pytest.importorskip("peft")
     from tests.test_llm_llama import save_tiny_llama
 
     reference = save_tiny_llama(tmp_path / "base")
-    model = load_hf_llama(tmp_path / "base")
+    model = load_hf_llama(tmp_path / "base", scan_layers=scan_layers)
     rank, alpha, dropout = 4, 6.0, 0.05
     apply_lora(model, targets, rank=rank, alpha=alpha, dropout=dropout, rngs=nnx.Rngs(5))
     randomise_b(model)
@@ -187,7 +199,7 @@ def test_bad_targets_and_hyperparameters_are_one_line_errors():
         apply_lora(model, ["q"], rank=4, alpha=8.0, dropout=1.0, rngs=nnx.Rngs(0))
     assert not lora_modules(model)  # nothing was half-applied
     apply_lora(model, ["q"], rank=4, alpha=8.0, dropout=0.0, rngs=nnx.Rngs(0))
-    with pytest.raises(RecRankerError, match=r"layers.0.q_proj already has a LoRA adapter"):
+    with pytest.raises(RecRankerError, match=r"layers.q_proj already has a LoRA adapter"):
         apply_lora(model, ["q_proj"], rank=4, alpha=8.0, dropout=0.0, rngs=nnx.Rngs(0))
 
 

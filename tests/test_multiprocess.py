@@ -98,8 +98,8 @@ def worker(out: Path) -> None:
 
     index = jax.process_index()
     losses, model = train_tiny(MESH_SHAPE, out / "checkpoints")
-    kernel = model.layers[0].mlp.gate_proj.kernel.get_value()
-    rows_here = sorted({row for shard in kernel.addressable_shards for row in range(kernel.shape[0])[shard.index[0]]})
+    kernel = model.layers.mlp.gate_proj.kernel.get_value()  # scanned layers: [layers, embed, mlp]
+    rows_here = sorted({row for shard in kernel.addressable_shards for row in range(kernel.shape[1])[shard.index[1]]})
     export_hf(model, out / f"export-{index}")  # every process gathers; only process 0 writes
     adapted, _ = tiny_model_and_rows()
     apply_lora(adapted, ["q", "v"], 4, 8.0, 0.0, nnx.Rngs(1))

@@ -112,6 +112,11 @@ def hand_activations(a):
     return residual, block, head, backward
 
 
+def rows_s_a(width, a=4):
+    """Bytes per device of 2 rows x 8 tokens x `width` features of item size a (hand_activations)."""
+    return 2 * 8 * width * a
+
+
 def test_tiny_activations_on_2x2x2():
     residual, block, head, backward = hand_activations(4)
     plan = tiny_plan([2, 2, 2])
@@ -121,9 +126,17 @@ def test_tiny_activations_on_2x2x2():
     assert b["activations_remat_on"] == 2 * residual + block + head + backward
     fixed = b["parameters"] + b["adapters"] + b["optimizer"] + b["gradients"] + b["accumulator"]
     assert b["total_remat_off"] == fixed + 2 * block + head + backward
-    assert b["total"] == b["total_remat_off"] and plan["remat"] is False
-    remat = tiny_plan([2, 2, 2], ["train.remat=true"])
-    assert remat["remat"] is True and remat["bytes_per_device"]["total"] == fixed + 2 * residual + block + head + backward
+    # train.remat=auto is planned as on an accelerator: dots keeps the input, the projections' outputs
+    # (q 8 wide, k and v 4, o and down 16 each, gate and up 20 each) and recomputes one block
+    dots = 3 * residual + rows_s_a(8 + 2 * 4 + 2 * 20)
+    assert plan["remat"] == "dots" and b["total"] == fixed + 2 * dots + block + head + backward
+    none = tiny_plan([2, 2, 2], ["train.remat=none"])
+    assert none["remat"] == "none" and none["bytes_per_device"]["total"] == b["total_remat_off"]
+    minimal = tiny_plan([2, 2, 2], ["train.remat=minimal"])  # input, q and k after rotary, v, attention output
+    kept = residual + rows_s_a(2 * 8 + 2 * 4)
+    assert minimal["bytes_per_device"]["total"] == fixed + 2 * kept + block + head + backward
+    full = tiny_plan([2, 2, 2], ["train.remat=full"])
+    assert full["remat"] == "full" and full["bytes_per_device"]["total"] == fixed + 2 * residual + block + head + backward
     residual, block, head, backward = hand_activations(2)  # bfloat16 compute; float32 terms stay
     half = tiny_plan([2, 2, 2], ["model.dtype=bfloat16"])["bytes_per_device"]
     assert half["activations_remat_on"] == 2 * residual + block + head + backward
@@ -198,7 +211,7 @@ def test_cli_plan_json_and_table(capsys):
     assert np.isclose(plan["device_memory_gb"], 2.0)
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert "parameters (float32)" in table and "with train.remat=false: fits" in table
+    assert "parameters (float32)" in table and "with train.remat=dots: fits" in table
     assert main(["plan", *TINY, "--devices", "8", "--mesh", "1,8"]) == 2
     assert "--mesh 1,8: expected 3 comma-separated integers" in capsys.readouterr().err
     assert main(["plan", *TINY, "--devices", "8", "--mesh", "1,4,1"]) == 2

@@ -90,9 +90,9 @@ def test_sharded_training_matches_one_device(shape):
     assert single[-1] < single[0]  # it learns
     # float32 reductions in another order across shards; relative 1e-4 over 4 AdamW steps
     np.testing.assert_allclose(sharded, single, rtol=1e-4)
-    kernel = model.layers[0].mlp.gate_proj.kernel.get_value()
+    kernel = model.layers.mlp.gate_proj.kernel.get_value()  # scanned layers: [layers, embed, mlp]
     assert len({s.data.shape for s in kernel.addressable_shards}) == 1
-    assert kernel.addressable_shards[0].data.shape == (32 // shape[1], 64 // shape[2])
+    assert kernel.addressable_shards[0].data.shape == (CFG.num_hidden_layers, 32 // shape[1], 64 // shape[2])
 
 
 def fresh():

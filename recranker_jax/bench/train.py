@@ -1,5 +1,6 @@
-"""`recranker bench train`: training-step throughput of this JAX implementation and, on the CPU,
-of transformers' PyTorch `LlamaForCausalLM` on the same problem, in the same run.
+"""`recranker bench train`: training-step throughput of this JAX implementation and of
+transformers' PyTorch `LlamaForCausalLM` (with `peft` LoRA where the problem has adapters) on
+the same problem, in the same run, on the same device (the CPU, or one CUDA GPU).
 
 Problems (`PRESETS`; fixed sizes, so that result files from different machines compare):
 
@@ -9,27 +10,55 @@ Problems (`PRESETS`; fixed sizes, so that result files from different machines c
 - quickstart-answers: the same with the finetune's loss, on answer tokens only (rows of
   384-token examples ending in a 32-token answer, like the packed quickstart instructions):
   the JAX step runs the output head only there, PyTorch gets `labels` of -100 elsewhere.
-- 7b-lora: LLaMA-2 7B shapes (random weights), LoRA r8 on q, v; bfloat16; 2 x 2048 tokens;
-  remat. For accelerators; JAX only.
+- tiny-lora: a small float32 LoRA problem (r8 on q, v; 2 layers, hidden 64; 2 x 128 tokens),
+  for the tests: JAX against PyTorch + PEFT on the CPU in seconds.
+- 7b-lora: LLaMA-2 7B shapes (random weights), LoRA r8 on q, v (alpha 16, no dropout);
+  bfloat16; 2 x 2048 tokens; remat auto (dots on accelerators). For accelerators: PyTorch +
+  PEFT runs it on a CUDA GPU (bfloat16, AdamW on the adapters, gradient checkpointing).
 - config: the run config's model (`model.*`, or `model.checkpoint`'s shape with random
   weights; vocabulary `prompts.tokenizer_vocab_size`), `train.seq_len`, `train.batch_size`,
   dtypes, remat and LoRA.
 
-Both sides get random tokens (one batch, reused every step) and start from the same weights
-(the JAX initialisation, written with `export_hf`, read with `from_pretrained`). They train
-with the same loss, the mean next-token cross-entropy over the scored positions (the finetune
-loss, one segment per row), and the same optimizer:
-global-norm clipping, then AdamW with the finetune warmup + cosine schedule. JAX runs
-`train.step.train_step`; PyTorch runs forward with `labels=`, backward, `clip_grad_norm_`,
-`AdamW.step` with `sdpa` attention (transformers' default; `eager` measured ~3x slower here).
-The first losses of the two sides are reported: equal up to float32 rounding.
+`remat` (`--remat` overrides any preset's) is the JAX side's policy (`llm.remat`). The PyTorch
+side has one switch, transformers' gradient checkpointing (non-reentrant), which keeps each
+layer's input and recomputes the layer, like remat full: it is on whenever the JAX side's
+resolved policy rematerialises anything (minimal, dots, full) and off for none. Results record
+each side's (`jax_remat`: the resolved policy; `torch_remat`: full or none).
+
+Both sides get random tokens (one batch, reused every step) and start from the same weights:
+the JAX initialisation (built in one compiled program on the device), written with
+`export_hf` in the problem's parameter dtype and read with `from_pretrained`; with LoRA, the
+JAX adapters' initial A and B too, written with `export_peft` and read with
+`PeftModel.from_pretrained(..., is_trainable=True)` (PEFT keeps adapters in float32 on a
+bfloat16 model, as the JAX side does). They train with the same loss, the mean next-token
+cross-entropy over the scored positions (the finetune loss, one segment per row), and the
+same optimizer on the trained weights (every weight, or the adapters): global-norm clipping,
+then AdamW with the finetune warmup + cosine schedule. JAX runs `train.step.train_step`;
+PyTorch runs forward with `labels=`, backward, `clip_grad_norm_`, `AdamW.step` with `sdpa`
+attention (transformers' default; `eager` measured ~3x slower on the CPU) and, on CUDA,
+float32 matmuls in TF32 as XLA's default does. The first losses of the two sides are
+reported: equal up to rounding.
+
+Where PyTorch runs (`torch_plan`): on the CPU when JAX does and the problem is float32; on
+CUDA when JAX is on a GPU and torch has CUDA (float32 or bfloat16). Otherwise JAX runs alone
+and the results say why (`jax_alone_because`): e.g. torch missing or without CUDA, JAX on a
+TPU, --no-torch. A PyTorch process that fails to start (out of memory, say) also leaves JAX
+alone, with its last error line as the reason.
 
 Each side runs in its own process, so its peak resident memory (ru_maxrss; JAX's includes
-compilation) is its own. The processes take turns, one timed step each, alternating which
-goes first, so load from elsewhere on the machine falls on both alike; step times are
-medians over the timed steps after warm-up steps (the first compiles). tokens/s =
-batch_size * seq_len / step seconds; ratio = JAX tokens/s / PyTorch tokens/s. `cpus` pins
-both processes to the listed CPUs (and PyTorch to that many threads).
+compilation and writing the weights) and its peak device memory (GPU: JAX's
+`peak_bytes_in_use`, torch's `max_memory_allocated`; None on the CPU) are its own. On a
+shared GPU each side gets `GPU_MEMORY_FRACTION` of the device (JAX by
+XLA_PYTHON_CLIENT_MEM_FRACTION unless already set, torch by
+`set_per_process_memory_fraction`). The processes take turns, one timed step each,
+alternating which goes first, so load from elsewhere on the machine falls on both alike; step
+times are medians over the timed steps after warm-up steps (the first compiles; its seconds
+are reported as first_step_seconds; setup_seconds is what came before it: imports, building
+or loading the weights). PyTorch steps on CUDA are timed between `torch.cuda.synchronize()`
+calls; JAX steps wait for the loss. tokens/s = batch_size * seq_len / step seconds; ratio =
+JAX tokens/s / PyTorch tokens/s; MFU (both sides) = tokens/s x the JAX model's training FLOPs
+per token (`hardware.llama_flops_per_token`) / the device's peak (None where unknown, e.g.
+CPUs). `cpus` pins both processes to the listed CPUs (and PyTorch to that many threads).
 """
 
 from __future__ import annotations
@@ -45,6 +74,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from recranker_jax.config import Config
@@ -53,19 +84,28 @@ from recranker_jax.errors import RecRankerError
 SIDES = ("jax", "torch")
 TORCH_ATTENTION = "sdpa"
 PAUSE_SECONDS = 0.05  # between turns, so the other process's worker threads have gone idle
+GPU_MEMORY_FRACTION = 0.45  # of the device, for each side, when both share one GPU
+ADAPTER_DIR = "adapter"  # under the weights folder: the PEFT adapter of LoRA problems
 
 _OPTIMIZER = {"lr": 1e-3, "warmup_steps": 15, "total_steps": 150, "weight_decay": 0.0, "clip_norm": 1.0}
 PRESETS: dict[str, dict] = {
     "quickstart": {
         "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "tie_word_embeddings": True,
-        "seq_len": 1152, "batch_size": 4, "dtype": "float32", "param_dtype": "float32", "remat": False,
+        "seq_len": 1152, "batch_size": 4, "dtype": "float32", "param_dtype": "float32", "remat": "none",
         "lora": None, **_OPTIMIZER, "seed": 0, "loss": "all",
+    },
+    "tiny-lora": {
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "seq_len": 128, "batch_size": 2, "dtype": "float32", "param_dtype": "float32", "remat": "none",
+        "lora": {"targets": ["q", "v"], "rank": 8, "alpha": 16.0}, **_OPTIMIZER, "lr": 1e-2, "warmup_steps": 2,
+        "total_steps": 20, "seed": 0, "loss": "all",
     },
     "7b-lora": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "seq_len": 2048, "batch_size": 2, "dtype": "bfloat16", "param_dtype": "bfloat16", "remat": True,
+        "seq_len": 2048, "batch_size": 2, "dtype": "bfloat16", "param_dtype": "bfloat16", "remat": "auto",
         "lora": {"targets": ["q", "v"], "rank": 8, "alpha": 16.0}, **_OPTIMIZER, "lr": 1e-4, "seed": 0,
         "loss": "all",
     },
@@ -78,8 +118,9 @@ EXAMPLE_TOKENS, ANSWER_TOKENS = 384, 32
 
 # ----------------------------------------------------------------------------- the problem
 
-def problem_from_config(cfg: Config, preset: str = "quickstart") -> dict:
-    """The benchmark problem (a JSON-able dict): a preset, or `config` (the run config's sizes)."""
+def problem_from_config(cfg: Config, preset: str = "quickstart", remat: str | None = None) -> dict:
+    """The benchmark problem (a JSON-able dict): a preset, or `config` (the run config's sizes);
+    `remat` overrides its JAX remat policy."""
     if preset in PRESETS:
         problem = dict(PRESETS[preset])
     elif preset == "config":
@@ -101,6 +142,12 @@ def problem_from_config(cfg: Config, preset: str = "quickstart") -> dict:
                    "weight_decay": t.weight_decay, "clip_norm": t.clip_norm, "seed": cfg.run.seed, "loss": "all"}
     else:
         raise RecRankerError(f"bench train: preset {preset!r}: expected one of {', '.join([*PRESETS, 'config'])}")
+    if remat is not None:
+        from recranker_jax.llm.remat import POLICIES
+
+        if remat not in POLICIES:
+            raise RecRankerError(f"bench train: --remat {remat!r}: expected one of {', '.join(POLICIES)}")
+        problem["remat"] = remat
     problem["max_position_embeddings"] = max(problem.get("max_position_embeddings") or 0, problem["seq_len"])
     for key in ("vocab_size", "seq_len", "batch_size"):
         if problem[key] < 2:
@@ -108,9 +155,62 @@ def problem_from_config(cfg: Config, preset: str = "quickstart") -> dict:
     return problem
 
 
-def torch_comparable(problem: dict) -> bool:
-    """Whether the PyTorch side runs the same problem: float32, every parameter trained."""
-    return problem["dtype"] == "float32" and problem["param_dtype"] == "float32" and not problem["lora"]
+def torch_plan(problem: dict, platform: str, status: dict | None) -> tuple[str | None, str | None]:
+    """Where the PyTorch side runs: ("cpu" or "cuda", None), or (None, why JAX runs alone).
+    `platform` is the JAX side's ("cpu", "gpu", "tpu"); `status` is `torch_status()`'s answer
+    (None: no comparison asked for)."""
+    if status is None:
+        return None, "no PyTorch comparison asked for (--no-torch)"
+    if platform not in ("cpu", "gpu"):
+        return None, f"JAX runs on {platform}; PyTorch runs only on the CPU and CUDA GPUs here"
+    if not status.get("torch"):
+        return None, "torch is not installed" + (f" ({status['error']})" if status.get("error") else "")
+    if not status.get("transformers"):
+        return None, "transformers is not installed"
+    if problem["lora"] and not status.get("peft"):
+        return None, "peft is not installed (the PyTorch side of a LoRA problem needs it)"
+    if problem["dtype"] != problem["param_dtype"]:
+        return None, f"dtype {problem['dtype']} with param_dtype {problem['param_dtype']} has no PyTorch counterpart here"
+    if platform == "cpu":
+        if problem["dtype"] != "float32":
+            return None, f"on the CPU PyTorch compares in float32 only (the problem is {problem['dtype']})"
+        return "cpu", None
+    if not status.get("cuda"):
+        return None, f"torch {status['torch']} has no CUDA"
+    return "cuda", None
+
+
+def torch_remat(jax_remat: str) -> str:
+    """The PyTorch side's counterpart of the JAX side's resolved remat policy: full (gradient
+    checkpointing) whenever JAX rematerialises anything, else none."""
+    return "none" if jax_remat == "none" else "full"
+
+
+def _local_torch_status() -> dict:
+    import importlib.util
+
+    status = {"torch": None, "cuda": False, "transformers": importlib.util.find_spec("transformers") is not None,
+              "peft": importlib.util.find_spec("peft") is not None}
+    if importlib.util.find_spec("torch") is not None:
+        try:
+            import torch
+
+            status.update(torch=torch.__version__, cuda=bool(torch.cuda.is_available()))
+        except Exception as error:  # a broken install: JAX runs alone and says why
+            status["error"] = f"import torch failed: {type(error).__name__}: {error}"
+    return status
+
+
+def torch_status() -> dict:
+    """{"torch": version or None, "cuda", "transformers", "peft"}: what the PyTorch side could use,
+    asked in a separate process (this one neither imports torch nor touches the GPU)."""
+    command = [sys.executable, "-m", "recranker_jax.bench.train", "probe"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in result.stdout.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line.removeprefix("BENCH "))
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    return {"torch": None, "error": lines[-1] if lines else f"the probe exited with {result.returncode}"}
 
 
 def learning_rate(step: int, problem: dict) -> float:
@@ -153,28 +253,47 @@ def _llama_config(problem: dict):
 
 # ----------------------------------------------------------------------------- the two sides
 
-def jax_side(problem: dict, weights_dir: Path | None = None):
-    """(step function returning the loss, model, optimizer) for `train_step` on the problem in
-    the finetune's packed-batch form; writes the initial weights to `weights_dir` if given."""
-    import numpy as np
+def build_model(problem: dict):
+    """The problem's `Llama` with its random initial weights, initialised by one compiled program
+    on the default device (not op by op)."""
     from flax import nnx
 
     from recranker_jax.llm.llama import Llama
+
+    config = _llama_config(problem)
+
+    @nnx.jit
+    def create() -> Llama:
+        return Llama(config, nnx.Rngs(problem["seed"]), problem["dtype"], problem["param_dtype"], problem["remat"],
+                     problem.get("scan_layers", True), problem.get("attention", "auto"))
+
+    return create()
+
+
+def jax_side(problem: dict, weights_dir: Path | None = None):
+    """(step function returning the loss, model, optimizer) for `train_step` on the problem in
+    the finetune's packed-batch form; writes the initial weights (and adapters) to `weights_dir`
+    if given, for `torch_side`."""
+    import numpy as np
+    from flax import nnx
+
     from recranker_jax.train.packing import answer_capacity, batch_arrays
     from recranker_jax.train.step import make_optimizer, place_batch, train_step
 
-    model = Llama(_llama_config(problem), nnx.Rngs(problem["seed"]), problem["dtype"], problem["param_dtype"],
-                  problem["remat"])
+    model = build_model(problem)
     if weights_dir is not None:
         from recranker_jax.llm.hf_export import export_hf
 
-        export_hf(model, weights_dir)
+        export_hf(model, weights_dir, problem["param_dtype"])
     wrt = nnx.Param
     if problem["lora"]:
-        from recranker_jax.llm.lora import apply_lora
+        from recranker_jax.llm.lora import apply_lora, export_peft
 
         lora = problem["lora"]
         apply_lora(model, lora["targets"], lora["rank"], lora["alpha"], 0.0, nnx.Rngs(problem["seed"] + 1))
+        if weights_dir is not None:
+            export_peft(model, weights_dir / ADAPTER_DIR, str(weights_dir), lora["targets"], lora["rank"],
+                        lora["alpha"], 0.0)
         wrt = nnx.LoRAParam
     optimizer = nnx.Optimizer(
         model, make_optimizer(problem["lr"], problem["warmup_steps"], problem["total_steps"], problem["weight_decay"],
@@ -191,16 +310,28 @@ def jax_side(problem: dict, weights_dir: Path | None = None):
     return step, model, optimizer
 
 
-def torch_side(problem: dict, weights_dir: Path, attention: str = TORCH_ATTENTION):
+def torch_side(problem: dict, weights_dir: Path, attention: str = TORCH_ATTENTION, device: str = "cpu",
+               checkpointing: bool = False):
     """(step function returning the loss, model): transformers' LlamaForCausalLM with the
-    weights in `weights_dir`, clip_grad_norm_ then AdamW, the same schedule."""
+    weights in `weights_dir` (in the problem's dtype, on `device`; with LoRA, wrapped by PEFT
+    with the adapter written there), clip_grad_norm_ then AdamW on the trained weights, the
+    same schedule; `checkpointing`: transformers' (non-reentrant) gradient checkpointing."""
     try:
         import torch
         from transformers import LlamaForCausalLM
     except ImportError:
         raise RecRankerError("bench train compares against PyTorch: pip install torch==2.13.0 (or the test extra)") from None
     torch.manual_seed(problem["seed"])
-    model = LlamaForCausalLM.from_pretrained(weights_dir, attn_implementation=attention, dtype=torch.float32)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[problem["dtype"]]
+    model = LlamaForCausalLM.from_pretrained(weights_dir, attn_implementation=attention, dtype=dtype).to(device)
+    if checkpointing:
+        with warnings.catch_warnings():  # newer transformers call it activation checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if problem["lora"]:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, Path(weights_dir) / ADAPTER_DIR, is_trainable=True)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=problem["lr"], betas=(0.9, 0.999), eps=1e-8,
@@ -210,6 +341,7 @@ def torch_side(problem: dict, weights_dir: Path, attention: str = TORCH_ATTENTIO
     labels = ids.clone()  # -100: not scored; the model shifts labels by one itself
     labels[:, 0] = -100
     labels[:, 1:][torch.from_numpy(loss_mask(problem)[:, :-1]) == 0] = -100
+    ids, labels = ids.to(device), labels.to(device)
 
     def step() -> float:
         loss = model(input_ids=ids, labels=labels).loss
@@ -236,15 +368,38 @@ def _jax_info(problem: dict, model) -> dict:
     device = jax.devices()[0]
     lora_parameters = int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
     flops = llama_flops_per_token(model.config, problem["seq_len"], "lora" if problem["lora"] else "full", lora_parameters)
-    return {"environment": {**environment(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
-            "flops_per_token": flops, "peak_flops": peak_flops(device, problem["dtype"])}
+    return {"environment": {**environment(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                            "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")},
+            "flops_per_token": flops, "peak_flops": peak_flops(device, problem["dtype"]), "remat": model.remat}
 
 
-def _device_peak_mb() -> float | None:
+def _torch_info(problem: dict, device: str, checkpointing: bool) -> dict:
+    import torch
+    import transformers
+
+    environment = {"torch": torch.__version__, "transformers": transformers.__version__,
+                   "torch_threads": torch.get_num_threads(), "torch_attention": TORCH_ATTENTION,
+                   "torch_device": device, "torch_cuda": torch.version.cuda,
+                   "torch_float32_matmul_precision": torch.get_float32_matmul_precision(),
+                   "torch_memory_fraction": GPU_MEMORY_FRACTION if device == "cuda" else None}
+    if problem["lora"]:
+        import peft
+
+        environment["peft"] = peft.__version__
+    return {"environment": environment, "remat": "full" if checkpointing else "none"}
+
+
+def _jax_device_peak_mb() -> float | None:
     import jax
 
     stats = jax.devices()[0].memory_stats() or {}
     return round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None
+
+
+def _torch_device_peak_mb(device: str) -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -258,44 +413,72 @@ def _send(message: dict) -> None:
     sys.stdout.flush()
 
 
-def _worker_main(argv: list[str]) -> None:
-    """`python -m recranker_jax.bench.train SIDE PROBLEM_JSON WEIGHTS_DIR WARMUP CPUS`, then commands
-    on stdin: `step` (one timed step; replies its seconds and loss) and `quit` (replies memory)."""
-    side, problem_json, weights_dir, warmup, cpus = argv
-    if cpus:  # before the frameworks size their thread pools
-        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
-    problem = json.loads(problem_json)
-    info: dict = {}
-    if side == "jax":
-        step, model, _ = jax_side(problem, Path(weights_dir) if weights_dir else None)
-        info = _jax_info(problem, model)
-    elif side == "torch":
-        import torch
-        import transformers
+def _start_jax(problem: dict, weights_dir: str, options: dict) -> tuple[Callable[[], float], dict]:
+    """The JAX side in its worker: decide where PyTorch runs (it needs the weights written only
+    then), build, and describe."""
+    import jax
 
-        if cpus:
-            torch.set_num_threads(len(cpus.split(",")))
-        step, _ = torch_side(problem, Path(weights_dir))
-        info = {"environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                "torch_threads": torch.get_num_threads(), "torch_attention": TORCH_ATTENTION}}
+    device, reason = torch_plan(problem, jax.devices()[0].platform, options.get("torch_status"))
+    step, model, _ = jax_side(problem, Path(weights_dir) if weights_dir and device else None)
+    info = {**_jax_info(problem, model), "torch_device": device, "jax_alone_because": reason}
+    return step, info
+
+
+def _start_torch(problem: dict, weights_dir: str, options: dict) -> tuple[Callable[[], float], dict, Callable]:
+    import torch
+
+    device, checkpointing = options["device"], torch_remat(options["remat"]) != "none"
+    if options.get("cpus"):
+        torch.set_num_threads(len(options["cpus"].split(",")))
+    if device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(GPU_MEMORY_FRACTION)
+        torch.set_float32_matmul_precision("high")  # TF32, as XLA runs float32 matmuls on GPUs by default
+    step, _ = torch_side(problem, Path(weights_dir), device=device, checkpointing=checkpointing)
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return step, _torch_info(problem, device, checkpointing), synchronize
+
+
+def _worker_main(argv: list[str]) -> None:
+    """`python -m recranker_jax.bench.train SIDE PROBLEM_JSON WEIGHTS_DIR WARMUP OPTIONS_JSON`, then
+    commands on stdin: `step` (one timed step; replies its seconds and loss) and `quit` (replies
+    memory). `... probe` replies `torch_status()` and exits."""
+    if argv == ["probe"]:
+        _send(_local_torch_status())
+        return
+    started = time.perf_counter()
+    side, problem_json, weights_dir, warmup, options_json = argv
+    options = json.loads(options_json)
+    if options.get("cpus"):  # before the frameworks size their thread pools
+        os.sched_setaffinity(0, {int(c) for c in options["cpus"].split(",")})
+    problem = json.loads(problem_json)
+    synchronize: Callable[[], object] = lambda: None  # noqa: E731 (JAX steps wait for their loss)
+    if side == "jax":
+        step, info = _start_jax(problem, weights_dir, options)
+    elif side == "torch":
+        step, info, synchronize = _start_torch(problem, weights_dir, options)
     else:
         raise RecRankerError(f"bench train: unknown side {side!r}")
-    losses, first_seconds = [], None
-    for _ in range(int(warmup)):
-        started = time.perf_counter()
-        losses.append(step())
-        first_seconds = first_seconds or time.perf_counter() - started
-    _send({"first_loss": losses[0], "first_step_seconds": first_seconds, **info})
+
+    def timed() -> tuple[float, float, float]:
+        synchronize()
+        begun, cpu_begun = time.perf_counter(), time.process_time()
+        loss = step()
+        synchronize()
+        return time.perf_counter() - begun, time.process_time() - cpu_begun, loss
+
+    setup_seconds = time.perf_counter() - started
+    first_seconds, _, first_loss = timed()
+    for _ in range(int(warmup) - 1):
+        timed()
+    _send({"first_loss": first_loss, "first_step_seconds": first_seconds, "setup_seconds": setup_seconds, **info})
     for line in sys.stdin:
         command = line.strip()
         if command == "step":
-            started, cpu_started = time.perf_counter(), time.process_time()
-            loss = step()
-            _send({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
-                   "loss": loss})
+            seconds, cpu_seconds, loss = timed()
+            _send({"seconds": seconds, "cpu_seconds": cpu_seconds, "loss": loss})
         elif command == "quit":
-            _send({"peak_rss_mb": round(_peak_rss_mb(), 1),
-                   "peak_device_memory_mb": _device_peak_mb() if side == "jax" else None})
+            peak = _jax_device_peak_mb() if side == "jax" else _torch_device_peak_mb(options["device"])
+            _send({"peak_rss_mb": round(_peak_rss_mb(), 1), "peak_device_memory_mb": peak})
             return
 
 
@@ -342,12 +525,14 @@ class Worker:
             self.process.wait()
         if self.stderr is not None:
             self.stderr.close()
+            self.stderr = None
 
 
-def worker(side: str, problem: dict, weights_dir: Path | None, warmup: int, cpus: str = "",
+def worker(side: str, problem: dict, weights_dir: Path | None, warmup: int, options: dict | None = None,
            env: dict[str, str] | None = None) -> Worker:
+    """A side's worker: `options` {"cpus": "0,1", "torch_status" (JAX), "device", "remat" (torch)}."""
     command = [sys.executable, "-m", "recranker_jax.bench.train", side, json.dumps(problem),
-               str(weights_dir or ""), str(warmup), cpus]
+               str(weights_dir or ""), str(warmup), json.dumps(options or {})]
     return Worker(side, command, env or {})
 
 
@@ -375,78 +560,118 @@ def run_interleaved(workers: list[Worker], repeats: int, pause: float = PAUSE_SE
 
 # ----------------------------------------------------------------------------- the benchmark
 
-def _summary(raw: dict, tokens: int) -> dict:
+def _summary(raw: dict, tokens: int, flops_per_token: float, peak_flops: float | None) -> dict:
     seconds = statistics.median(raw["seconds"])
     return {"tokens_per_second": tokens / seconds, "step_seconds": seconds,
             "step_cpu_seconds": statistics.median(raw["cpu_seconds"]),
-            "peak_rss_mb": raw["memory"]["peak_rss_mb"], "first_step_seconds": raw["setup"]["first_step_seconds"],
-            "first_loss": raw["setup"]["first_loss"], "last_loss": raw["losses"][-1]}
+            "peak_rss_mb": raw["memory"]["peak_rss_mb"],
+            "peak_device_memory_mb": raw["memory"]["peak_device_memory_mb"],
+            "mfu": tokens / seconds * flops_per_token / peak_flops if peak_flops else None,
+            "first_step_seconds": raw["setup"]["first_step_seconds"], "setup_seconds": raw["setup"]["setup_seconds"],
+            "first_loss": raw["setup"]["first_loss"], "last_loss": raw["losses"][-1], "remat": raw["setup"]["remat"]}
+
+
+def _jax_env(status: dict | None) -> dict[str, str]:
+    """The JAX worker's extra environment: its share of a GPU that torch may share (ignored on the CPU)."""
+    if status and status.get("cuda") and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
+        return {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(GPU_MEMORY_FRACTION)}
+    return {}
+
+
+def _run_sides(problem: dict, warmup: int, repeats: int, cpus: str, status: dict | None) -> tuple[dict, str | None]:
+    """Run JAX, then PyTorch where `torch_plan` puts it, interleaved; (raw replies, why JAX ran alone)."""
+    with tempfile.TemporaryDirectory(prefix="recranker-bench-train-") as weights_dir:
+        jax_worker = worker("jax", problem, Path(weights_dir) if status else None, warmup,
+                            {"cpus": cpus, "torch_status": status}, _jax_env(status))
+        workers = [jax_worker]
+        try:
+            setup = jax_worker.start()
+            reason = setup["jax_alone_because"]
+            if setup["torch_device"]:
+                torch_worker = worker("torch", problem, Path(weights_dir), warmup,
+                                      {"cpus": cpus, "device": setup["torch_device"], "remat": setup["remat"]})
+                try:
+                    torch_worker.start()
+                    workers.append(torch_worker)
+                except RecRankerError as error:  # e.g. out of device memory: JAX's figures still stand
+                    torch_worker.stop()
+                    reason = str(error).removeprefix("bench train: ")
+            return run_interleaved(workers, repeats), reason
+        finally:
+            for w in workers:
+                w.stop()
 
 
 def bench_train(cfg: Config, repeats: int = 5, preset: str = "quickstart", warmup: int = 2,
-                compare_torch: bool = True, cpus: str | None = None) -> dict:
-    """Time the problem on JAX and (on the CPU, for float32 full fine-tuning) PyTorch; returns
-    the results document (`format_results` prints it)."""
+                compare_torch: bool = True, cpus: str | None = None, remat: str | None = None) -> dict:
+    """Time the problem on JAX and, where `torch_plan` allows, PyTorch; `remat` overrides the
+    preset's JAX remat policy. Returns the results document (`format_results` prints it)."""
     if repeats < 1 or warmup < 1:
         raise RecRankerError(f"bench train: repeats={repeats} and warmup={warmup} must be positive integers")
     cpus = ",".join(c.strip() for c in (cpus or "").split(",") if c.strip())
     if cpus and not all(c.isdigit() for c in cpus.split(",")):
         raise RecRankerError(f"bench train: cpus={cpus!r}: expected CPU numbers separated by commas, e.g. 0,1")
-    problem = problem_from_config(cfg, preset)
+    problem = problem_from_config(cfg, preset, remat)
     tokens = problem["batch_size"] * problem["seq_len"]
-    compare = compare_torch and torch_comparable(problem)
-    with tempfile.TemporaryDirectory(prefix="recranker-bench-train-") as weights_dir:
-        jax_worker = worker("jax", problem, Path(weights_dir) if compare else None, warmup, cpus)
-        workers = [jax_worker]
-        try:
-            if compare and jax_worker.start()["environment"]["platform"] == "cpu":  # PyTorch runs on the CPU
-                workers.append(worker("torch", problem, Path(weights_dir), warmup, cpus))
-            raw = run_interleaved(workers, repeats)
-        finally:
-            jax_worker.stop()
-    summary = {side: _summary(raw[side], tokens) for side in raw}
+    raw, reason = _run_sides(problem, warmup, repeats, cpus, torch_status() if compare_torch else None)
     jax_setup = raw["jax"]["setup"]
-    if jax_setup["peak_flops"]:
-        summary["jax"]["mfu"] = summary["jax"]["tokens_per_second"] * jax_setup["flops_per_token"] / jax_setup["peak_flops"]
-    if raw["jax"]["memory"]["peak_device_memory_mb"] is not None:
-        summary["jax"]["peak_device_memory_mb"] = raw["jax"]["memory"]["peak_device_memory_mb"]
+    summary = {side: _summary(raw[side], tokens, jax_setup["flops_per_token"], jax_setup["peak_flops"]) for side in raw}
     train = {f"{side}_{key}": value for side in summary for key, value in summary[side].items()}
     environment = dict(jax_setup["environment"])
     if "torch" in raw:
         train["ratio"] = summary["jax"]["tokens_per_second"] / summary["torch"]["tokens_per_second"]
         environment.update(raw["torch"]["setup"]["environment"])
+    train["jax_alone_because"] = reason
     environment["processor"] = platform.processor() or platform.machine()
     return {
         "benchmark": "train",
         "environment": environment,
         "results": {"train": train},
         "settings": {"preset": preset, "problem": problem, "tokens_per_step": tokens,
-                     "flops_per_token": jax_setup["flops_per_token"], "repeats": repeats, "untimed_steps": warmup,
-                     "interleaved": "torch" in raw, "cpus": cpus or None,
+                     "flops_per_token": jax_setup["flops_per_token"], "peak_flops": jax_setup["peak_flops"],
+                     "repeats": repeats, "untimed_steps": warmup, "interleaved": "torch" in raw, "cpus": cpus or None,
                      "step_seconds": {side: raw[side]["seconds"] for side in raw}},
     }
 
 
-def format_results(doc: dict) -> str:
-    train, settings = doc["results"]["train"], doc["settings"]
+def _cell(value, spec: str, width: int) -> str:
+    """`value` formatted by `spec` right-aligned in `width`, or '-' when there is none."""
+    return f"{'-' if value is None else format(value, spec):>{width}}"
+
+
+def _problem_line(settings: dict) -> str:
     p = settings["problem"]
+    lora = p["lora"]
+    adapters = f", LoRA r{lora['rank']} ({', '.join(lora['targets'])})" if lora else ""
+    return (f"train/{settings['preset']}: {p['batch_size']} x {p['seq_len']} tokens, vocabulary {p['vocab_size']}, "
+            f"hidden {p['hidden_size']}, {p['num_hidden_layers']} layers, {p['dtype']}{adapters}"
+            f"{', loss on answer tokens' if p.get('loss') == 'answers' else ''}; median of {settings['repeats']} steps"
+            f"{' (interleaved)' if settings['interleaved'] else ''}")
+
+
+def format_results(doc: dict) -> str:
+    train, settings, env = doc["results"]["train"], doc["settings"], doc["environment"]
     sides = [s for s in SIDES if f"{s}_tokens_per_second" in train]
-    rows = [(f"train/{settings['preset']}: {p['batch_size']} x {p['seq_len']} tokens, vocabulary {p['vocab_size']}, "
-             f"hidden {p['hidden_size']}, {p['num_hidden_layers']} layers, {p['dtype']}"
-             f"{', LoRA' if p['lora'] else ''}{', loss on answer tokens' if p.get('loss') == 'answers' else ''}; median of {settings['repeats']} steps"
-             f"{' (interleaved)' if settings['interleaved'] else ''}"),
-            f"{'side':<8}{'tokens/s':>10}{'step s':>9}{'cpu s':>8}{'peak MB':>9}{'first loss':>12}{'1st step s':>12}"]
+    columns = (("tokens/s", "tokens_per_second", ".0f", 10), ("step s", "step_seconds", ".3f", 9),
+               ("cpu s", "step_cpu_seconds", ".2f", 8), ("RSS MB", "peak_rss_mb", ".0f", 8),
+               ("device MB", "peak_device_memory_mb", ".0f", 11), ("MFU", "mfu", ".1%", 7),
+               ("first loss", "first_loss", ".5f", 12), ("1st step s", "first_step_seconds", ".1f", 12),
+               ("setup s", "setup_seconds", ".1f", 9), ("remat", "remat", "", 9))
+    rows = [_problem_line(settings), f"{'side':<8}" + "".join(f"{title:>{width}}" for title, _, _, width in columns)]
     for side in sides:
-        rows.append(f"{side:<8}{train[f'{side}_tokens_per_second']:>10.0f}{train[f'{side}_step_seconds']:>9.3f}"
-                    f"{train[f'{side}_step_cpu_seconds']:>8.2f}{train[f'{side}_peak_rss_mb']:>9.0f}"
-                    f"{train[f'{side}_first_loss']:>12.5f}{train[f'{side}_first_step_seconds']:>12.1f}")
-    if "jax_mfu" in train:
-        rows.append(f"jax MFU {train['jax_mfu']:.1%}" + (f", peak device memory {train['jax_peak_device_memory_mb']:.0f} MB"
-                                                          if "jax_peak_device_memory_mb" in train else ""))
-    env = doc["environment"]
+        rows.append(f"{side:<8}" + "".join(_cell(train.get(f"{side}_{key}"), spec, width)
+                                           for _, key, spec, width in columns))
     if "ratio" in train:
-        rows.append(f"jax / torch tokens/s: x{train['ratio']:.2f} (torch: {env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}, "
-                    f"{env['torch_attention']} attention)")
+        threads = env["torch_threads"]
+        details = [env.get("torch_device", "cpu"), f"{threads} thread{'s' if threads != 1 else ''}",
+                   f"{env['torch_attention']} attention"]
+        if "peft" in env:
+            details.append(f"peft {env['peft']}")
+        if env.get("torch_memory_fraction"):
+            details.append(f"each side {env['torch_memory_fraction']:.0%} of the device")
+        rows.append(f"jax / torch tokens/s: x{train['ratio']:.2f} (torch: {', '.join(details)})")
+    if train.get("jax_alone_because"):
+        rows.append(f"JAX alone: {train['jax_alone_because']}")
     rows.append(f"XLA_FLAGS={env.get('xla_flags') or '(not set)'}" + (f"; pinned to CPUs {settings['cpus']}"
                                                                        if settings["cpus"] else ""))
     return "\n".join(rows)

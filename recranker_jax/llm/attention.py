@@ -1,32 +1,54 @@
-"""Attention kernels of the LLaMA model (grouped-query layout: q [B, T, KV, G, D], k / v [B, S, KV, D]).
+"""Attention of the LLaMA model (grouped-query layout: q [B, T, KV, G, D], k / v [B, S, KV, D]).
 
 - `masked_attention`: any boolean mask [B, T, S], the scores materialised (decoding with a
-  KV cache, where T is small; `branch_attention`).
-- `causal_attention`: cache-free causal attention within packed segments (training and full
-  forward passes). Two implementations with equal results:
-  - "tiled" (the default on the CPU): flash-attention in blocks of `block` x `block` with an
-    online softmax and a custom backward pass that recomputes each tile's probabilities from
-    the saved log-sum-exp. No [T, T] array is ever materialised, so every tile stays in the
-    CPU's caches; blocks above the diagonal are skipped.
-    Measured with the quickstart shape (4 x 1152 tokens, 4 heads of 32): forward + backward
-    ~130 ms per layer against ~200 ms for "blocked" and ~375 ms for full scores.
-  - "blocked" (the default on accelerators, where XLA's fused attention of whole blocks
-    is what runs fast): each block of queries scores the keys up to the block's end, skipping
-    the masked upper triangle, about half the work of the full [T, T] scores.
+  KV cache, where T is small; `branch_attention`), the same on every platform: this layout was
+  measured 2-3x faster on the CPU than the alternatives, and on a GPU `jax.nn.dot_product_attention`
+  promises no gain (unmeasured: its XLA path materialises the same scores, and its cuDNN path
+  turns the mask into a dense additive bias and needs 16-bit inputs).
+- `causal_attention`: cache-free causal attention within packed segments (training, prefills),
+  equal results from every implementation (`select_implementation` picks one):
+  - "tiled" ("auto" on the CPU): flash attention in `block` x `block` tiles with an online
+    softmax and a custom backward that recomputes each tile's probabilities from the saved
+    log-sum-exp; no [T, T] array, tiles above the diagonal skipped. Quickstart shape (4 x 1152
+    tokens, 4 heads of 32): forward + backward ~130 ms per layer against ~200 ms for "xla"
+    and ~375 ms for full scores.
+  - "xla" (any platform): each block of queries scores the keys up to the block's end (about
+    half the work of the full [T, T] scores), left to XLA's fusions.
+  - "pallas_gpu" ("auto" on GPUs): the Pallas Triton flash attention (forward and backward
+    kernels, segment ids native, KV heads repeated to the query heads); any float dtype.
+  - "cudnn" (GPU, asked for by name): cuDNN flash attention through `jax.nn.dot_product_attention`,
+    native GQA, float16 / bfloat16 only. It has no segment ids, so a call with segment_ids falls
+    back to "pallas_gpu" (a warning, once); "auto" does not pick it because the model passes
+    segment ids on every call (packed training rows, left-padded prefills).
+  - "splash" ("auto" on TPUs): the Pallas TPU splash attention, native GQA, vmapped over the batch.
+  The Pallas kernels pad T to their tiles (padding in a segment of its own) and run on any
+  platform with `interpret=True` (slow; for tests). XLA does not partition a Pallas kernel over
+  a mesh, so "auto" picks them on one accelerator only and "xla" on several (until the kernels
+  run under `shard_map`). Errors (`RecRankerError`, one line): an
+  unknown name; "pallas_gpu" off a GPU or "splash" off a TPU without `interpret`; "cudnn" off
+  a GPU or with 32-bit inputs. "tiled" and "xla" run everywhere.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Query (and key) rows per block of cache-free causal attention.
+from recranker_jax.errors import RecRankerError
+from recranker_jax.llm import attention_kernels
+from recranker_jax.llm.attention_kernels import pad_time
+
+# Query (and key) rows per block of "tiled" and "xla" causal attention.
 ATTENTION_BLOCK = 128
 _MASKED = -1e30  # finite: a row with no visible key in a tile must not give inf - inf
-_PAD_SEGMENT = jnp.iinfo(jnp.int32).min  # padding to a whole number of tiles attends only to itself
+IMPLEMENTATIONS = ("auto", "tiled", "xla", "pallas_gpu", "cudnn", "splash")
+DEFAULT_IMPLEMENTATION = {"cpu": "tiled", "gpu": "pallas_gpu", "tpu": "splash"}  # other platforms: "xla"
+_NATIVE_PLATFORM = {"pallas_gpu": "gpu", "cudnn": "gpu", "splash": "tpu"}
+_warned: set[str] = set()
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -49,24 +71,64 @@ def causal_mask(segment_ids: jax.Array) -> jax.Array:
     return jnp.tril(jnp.ones((length, length), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
+def select_implementation(requested: str, platform: str, has_segments: bool, interpret: bool = False,
+                          devices: int = 1) -> str:
+    """The implementation of `causal_attention` that runs for `requested` on `platform`
+    ("cpu", "gpu" / "cuda" / "rocm", "tpu") with `devices` devices; see the module docstring."""
+    platform = "gpu" if platform in ("cuda", "rocm") else platform
+    if requested not in IMPLEMENTATIONS:
+        raise RecRankerError(
+            f"attention implementation {requested!r} is unknown; expected one of {', '.join(IMPLEMENTATIONS)}")
+    if requested == "auto":
+        chosen = DEFAULT_IMPLEMENTATION.get(platform, "xla")
+        if chosen in _NATIVE_PLATFORM and devices > 1:
+            # a pallas_call is not partitioned by XLA over a mesh (it would run replicated):
+            # until the kernels run under shard_map, several accelerators use XLA's attention
+            _warn_once(f"attention 'auto' on {devices} {platform.upper()}s uses 'xla': the Pallas kernel "
+                       f"'{chosen}' runs on one device (ask for it by name to use it anyway)")
+            return "xla"
+        return chosen
+    native = _NATIVE_PLATFORM.get(requested)
+    interpretable = requested != "cudnn"  # the Pallas kernels
+    if native is not None and platform != native and not (interpret and interpretable):
+        runs_here = ", ".join(["auto", "tiled", "xla"] + [name for name, p in _NATIVE_PLATFORM.items() if p == platform])
+        where = f"a {native.upper()}{' (or with interpret=True)' * interpretable}"
+        raise RecRankerError(f"attention {requested!r} runs on {where}, not on {platform}: use one of {runs_here}")
+    if requested == "cudnn" and has_segments:
+        _warn_once("attention 'cudnn' has no segment ids: calls with segment_ids use 'pallas_gpu'")
+        return "pallas_gpu"
+    return requested
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
 def causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
-    implementation: str = "auto", block: int = ATTENTION_BLOCK,
+    implementation: str = "auto", block: int = ATTENTION_BLOCK, interpret: bool = False,
 ) -> jax.Array:
-    """Causal attention within segments: q [B, T, KV, G, D], k / v [B, T, KV, D],
-    segment_ids [B, T] (None: one segment) -> [B, T, KV, G, D]."""
+    """Causal attention within segments: q [B, T, KV, G, D] (unscaled), k / v [B, T, KV, D],
+    segment_ids [B, T] (None: one segment) -> [B, T, KV, G, D] in q's dtype. `block`: the tile
+    of "tiled" and "xla" (the Pallas kernels use their own); `interpret`: Pallas interpret mode."""
+    implementation = select_implementation(implementation, jax.default_backend(), segment_ids is not None, interpret,
+                                           jax.device_count())
+    if implementation == "pallas_gpu":
+        return attention_kernels.pallas_gpu_attention(q, k, v, segment_ids, interpret)
+    if implementation == "splash":
+        return attention_kernels.splash_attention(q, k, v, segment_ids, interpret)
+    if implementation == "cudnn":
+        return attention_kernels.cudnn_attention(q, k, v)
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
-    if implementation == "auto":
-        implementation = "tiled" if jax.default_backend() == "cpu" else "blocked"
-    if implementation == "blocked":
-        return blocked_attention(q, k, v, segment_ids, block)
-    if implementation == "tiled":
-        return tiled_attention(q, k, v, segment_ids, block)
-    raise ValueError(f"attention implementation {implementation!r}: expected auto, tiled or blocked")
+    if implementation == "xla":
+        return xla_attention(q, k, v, segment_ids, block)
+    return tiled_attention(q, k, v, segment_ids, block)
 
 
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
     mask = causal_mask(segment_ids)
     return jnp.concatenate([
         masked_attention(q[:, s:s + block], k[:, :s + block], v[:, :s + block], mask[:, s:s + block, :s + block])
@@ -76,11 +138,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
 
 def tiled_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
     length = q.shape[1]
-    padded = -(-length // block) * block
-    if padded != length:
-        pad = [(0, 0), (0, padded - length)]
-        q, k, v = (jnp.pad(a, pad + [(0, 0)] * (a.ndim - 2)) for a in (q, k, v))
-        segment_ids = jnp.pad(segment_ids, pad, constant_values=_PAD_SEGMENT)
+    q, k, v, segment_ids = pad_time(q, k, v, segment_ids, block)
     # heads before time, so a tile is a contiguous [.., block, D] slab
     out = _flash(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids, block)
     return out.transpose(0, 3, 1, 2, 4)[:, :length]

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from recranker_jax.errors import RecRankerError
+from recranker_jax.llm.layout import is_scanned_path
 from recranker_jax.llm.llama import Llama, LlamaConfig, weight_axes
 from recranker_jax.parallel import array_sharding
 
@@ -47,7 +48,8 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 
 def hf_parameter_names(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
-    """Hugging Face tensor name -> (path of the NNX parameter, transpose?)."""
+    """Hugging Face tensor name -> (path of the NNX parameter in the looped layout, transpose?)
+    (`llm.layout` maps a looped path onto a scanned model's stacked parameter)."""
     names = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), False),
              "model.norm.weight": (("norm", "weight"), False)}
     if not cfg.tie_word_embeddings:
@@ -63,47 +65,42 @@ def hf_parameter_names(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
     return names
 
 
-def load_hf_llama(
-    folder: str | Path, dtype: str = "float32", param_dtype: str = "float32", remat: bool = False,
-    mesh: Mesh | None = None, rules: dict[str, list[str]] | None = None,
-) -> Llama:
-    """The NNX model with the folder's weights.
+def load_hf_llama(folder: str | Path, mesh: Mesh | None = None, rules: dict[str, list[str]] | None = None,
+                  **options) -> Llama:
+    """The NNX model with the folder's weights; `options` are `Llama`'s (dtype, param_dtype,
+    remat, scan_layers, attention).
 
     With a mesh, every parameter is created directly in its sharding (the config's logical
-    axis rules): each device reads only its own slice of the memory-mapped safetensors, so
-    no process ever holds a full copy per device.
+    axis rules): each device reads only its own slice of the memory-mapped safetensors (of
+    each layer, for the stacked weights of scanned layers), so no process ever holds a full
+    copy per device.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise RecRankerError(f"checkpoint folder {folder} not found")
     cfg = read_config(folder)
-    model = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0), dtype, param_dtype, remat))
+    model = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0), **options))
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     files = _tensor_files(folder)
     handles: dict[Path, object] = {}
+    # parameter path -> its tensors: one per layer ([layer, ...]) for a stacked parameter
+    sources: dict[tuple, list[tuple[str, bool]]] = {}
     with ExitStack() as stack:
-        for hf_name, (path, transpose) in hf_parameter_names(cfg).items():
-            if hf_name not in files:
-                raise RecRankerError(f"{folder}: tensor {hf_name} is missing from the checkpoint")
-            shard = files[hf_name]
-            if shard not in handles:
-                if not shard.is_file():
-                    raise RecRankerError(f"{shard} not found (listed in {folder / 'model.safetensors.index.json'})")
-                handles[shard] = stack.enter_context(safe_open(shard, framework="numpy"))
-            tensor = handles[shard].get_slice(hf_name)
-            stored = tuple(tensor.get_shape())
+        for hf_name, (looped_path, transpose) in hf_parameter_names(cfg).items():
+            path = looped_path if looped_path in flat else ("layers", *looped_path[2:])
+            sources.setdefault(path, []).append((hf_name, transpose))
+        for path, tensors in sources.items():
             expected = tuple(flat[path].shape)
-            if (stored[::-1] if transpose else stored) != expected:
-                raise RecRankerError(
-                    f"{shard}: tensor {hf_name} has shape {list(stored)}, expected "
-                    f"{list(expected[::-1] if transpose else expected)} from config.json"
-                )
+            stacked = is_scanned_path(path)
+            slices = [_tensor_slice(folder, files, handles, stack, name, transpose, expected[1:] if stacked else expected)
+                      for name, transpose in tensors]
             target = flat[path].dtype
 
-            def read(index, tensor=tensor, transpose=transpose, target=target):
-                index = tuple(index) + (slice(None),) * (len(expected) - len(index))
-                block = tensor[index[::-1]].T if transpose else tensor[index]
-                return np.asarray(block).astype(target)
+            def read(index, slices=slices, stacked=stacked, rank=len(expected), target=target):
+                index = tuple(index) + (slice(None),) * (rank - len(index))
+                if not stacked:
+                    return slices[0](index).astype(target)
+                return np.stack([read_layer(index[1:]) for read_layer in slices[index[0]]]).astype(target)
 
             if mesh is None:
                 value = jnp.asarray(read((slice(None),) * len(expected)))
@@ -113,3 +110,27 @@ def load_hf_llama(
             flat[path].set_value(value)
     nnx.update(model, nnx.from_flat_state(flat))
     return model
+
+
+def _tensor_slice(folder: Path, files: dict[str, Path], handles: dict, stack: ExitStack, hf_name: str,
+                  transpose: bool, expected: tuple[int, ...]):
+    """A reader of slices (in the NNX layout) of tensor `hf_name`, checked against `expected`."""
+    if hf_name not in files:
+        raise RecRankerError(f"{folder}: tensor {hf_name} is missing from the checkpoint")
+    shard = files[hf_name]
+    if shard not in handles:
+        if not shard.is_file():
+            raise RecRankerError(f"{shard} not found (listed in {folder / 'model.safetensors.index.json'})")
+        handles[shard] = stack.enter_context(safe_open(shard, framework="numpy"))
+    tensor = handles[shard].get_slice(hf_name)
+    stored = tuple(tensor.get_shape())
+    if (stored[::-1] if transpose else stored) != expected:
+        raise RecRankerError(
+            f"{shard}: tensor {hf_name} has shape {list(stored)}, expected "
+            f"{list(expected[::-1] if transpose else expected)} from config.json"
+        )
+
+    def read(index: tuple) -> np.ndarray:
+        return np.asarray(tensor[index[::-1]].T if transpose else tensor[index])
+
+    return read

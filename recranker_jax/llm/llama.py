@@ -3,12 +3,14 @@
 Token embedding, RMSNorm, rotary embeddings in the Hugging Face convention
 (rotate-half, `rope_theta`), grouped-query attention, SwiGLU MLP, tied or
 untied output head, and a KV cache (`Llama.extend`) for decoding and for
-reusing a shared prompt prefix across a batch of continuations. Weights are
-stored [in, out] (Hugging Face stores [out, in]) and carry logical axis names
-(`WEIGHT_AXES`) that the config's rules map onto the mesh. Parameters and
-computation each take float32 or bfloat16 (norms, softmax and rotary angles
-stay float32); `remat=True` recomputes each layer's activations in the
-backward pass instead of storing them.
+reusing a shared prompt prefix across a batch of continuations. The layers are
+one stacked block run by `nnx.scan` (compile time and program size independent
+of depth) or, with `scan_layers=False`, a Python loop over separate blocks.
+Weights are stored [in, out] (Hugging Face stores [out, in]) and carry logical
+axis names (`weight_axes`; stacked layers add a leading "layers" axis) that the
+config's rules map onto the mesh. Parameters and computation each take float32
+or bfloat16 (norms, softmax and rotary angles stay float32); `remat` names a
+rematerialisation policy (`llm.remat`), `attention` a kernel (`llm.attention`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from recranker_jax.errors import RecRankerError
+from recranker_jax.llm import remat as remat_policies
 from recranker_jax.llm.attention import branch_attention, causal_attention, masked_attention
 
 
@@ -39,11 +43,14 @@ WEIGHT_AXES = {
 
 
 def weight_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the parameter at `path` (replicated when unknown, e.g. norms, adapters)."""
+    """Logical axes of the parameter at `path` (replicated when unknown, e.g. norms, adapters).
+    Scanned layers' variables (a "layers" path without a layer number) lead with "layers"."""
+    lead = ("layers",) if "layers" in path and not any(isinstance(p, int) for p in path) else ()
     for part in reversed(path):
-        if isinstance(part, str) and part in WEIGHT_AXES and ndim == 2 and path[-1] in ("kernel", "embedding"):
-            return WEIGHT_AXES[part]
-    return (None,) * ndim
+        if (isinstance(part, str) and part in WEIGHT_AXES and ndim == 2 + len(lead)
+                and path[-1] in ("kernel", "embedding")):
+            return lead + WEIGHT_AXES[part]
+    return lead + (None,) * (ndim - len(lead))
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -96,6 +103,14 @@ class LlamaConfig:
         return cls(**values)
 
 
+def model_options(cfg: Any, training: bool = True) -> dict:
+    """`Llama`'s keyword arguments from a run config (`model.*`, `train.remat`; no
+    rematerialisation outside training)."""
+    m = cfg.model
+    return {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat": cfg.train.remat if training else "none",
+            "scan_layers": m.scan_layers, "attention": m.attention}
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, size: int, eps: float, param_dtype=jnp.float32):
         self.weight = nnx.Param(jnp.ones((size,), param_dtype))
@@ -132,12 +147,13 @@ def _linear(in_size: int, out_size: int, rngs: nnx.Rngs, precision: Precision) -
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, precision: Precision):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, precision: Precision, implementation: str = "auto"):
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         self.q_proj, self.k_proj = _linear(d, h * hd, rngs, precision), _linear(d, kv * hd, rngs, precision)
         self.v_proj, self.o_proj = _linear(d, kv * hd, rngs, precision), _linear(h * hd, d, rngs, precision)
         self.heads, self.kv_heads, self.head_size, self.theta = h, kv, hd, cfg.rope_theta
         self.rope_factor = cfg.rope_scaling_factor
+        self.implementation = implementation
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
@@ -156,8 +172,9 @@ class Attention(nnx.Module):
         k = rotary(self.k_proj(x).reshape(batch, length, self.kv_heads, self.head_size), positions, self.theta, self.rope_factor)
         v = self.v_proj(x).reshape(batch, length, self.kv_heads, self.head_size)
         q = q.reshape(batch, length, self.kv_heads, self.heads // self.kv_heads, self.head_size)
+        q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
         if cache is None:
-            out = causal_attention(q, k, v, segment_ids)
+            out = causal_attention(q, k, v, segment_ids, self.implementation)
         elif branch_ids is not None:
             out = branch_attention(q, k, v, cache.keys, cache.values, mask, branch_ids)
             cache = LayerCache(k, v)
@@ -166,7 +183,9 @@ class Attention(nnx.Module):
             values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), (0, start, 0, 0))
             cache = LayerCache(keys, values)
             # no mask: a prefill, whose queries see only this call's tokens
-            out = causal_attention(q, k, v, segment_ids) if mask is None else masked_attention(q, keys, values, mask)
+            out = (causal_attention(q, k, v, segment_ids, self.implementation) if mask is None
+                   else masked_attention(q, keys, values, mask))
+        out = checkpoint_name(out, "attention")
         return self.o_proj(out.reshape(batch, length, self.heads * self.head_size)), cache
 
 
@@ -181,9 +200,9 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, precision: Precision):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, precision: Precision, attention: str = "auto"):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, precision.param_dtype)
-        self.self_attn = Attention(cfg, rngs, precision)
+        self.self_attn = Attention(cfg, rngs, precision, attention)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, precision.param_dtype)
         self.mlp = MLP(cfg, rngs, precision)
 
@@ -195,25 +214,46 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-def _block(layer: Block, x, positions, segment_ids):
-    return layer(x, positions, segment_ids)[0]
+def layer_blocks(cfg: LlamaConfig, rngs: nnx.Rngs, precision: Precision, attention: str,
+                 scan_layers: bool) -> Block | nnx.List:
+    """All layers as one `Block` whose every variable has a leading layers axis (for `nnx.scan`),
+    or, not `scan_layers`, that block's slices as separate blocks: the same initial weights
+    from the same seed in either layout."""
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs, precision, attention)
+
+    stacked = create(rngs)
+    if scan_layers:
+        return stacked
+    graphdef, state = nnx.split(stacked)
+    return nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                     for i in range(cfg.num_hidden_layers)])
 
 
-_remat_block = nnx.remat(_block)
+def _layer(layer: Block, x: jax.Array, cache: LayerCache | None, attention: dict) -> tuple[jax.Array, LayerCache | None]:
+    return layer(x, cache=cache, **attention)
 
 
 class Llama(nnx.Module):
-    """Causal LM: tokens [B, T] -> logits [B, T, V] (in the compute dtype)."""
+    """Causal LM: tokens [B, T] -> logits [B, T, V] (in the compute dtype).
+
+    `scan_layers` stores the layers as one stacked `Block` (`model.layers`, every weight with a
+    leading layers axis) run by `nnx.scan`, so the compiled program has one layer's code whatever
+    the depth; otherwise `model.layers[i]` are separate blocks in a Python loop. `remat` is a
+    `llm.remat` policy name, `attention` a `llm.attention.causal_attention` implementation.
+    """
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, dtype: str = "float32", param_dtype: str = "float32",
-                 remat: bool = False):
+                 remat: str = "none", scan_layers: bool = True, attention: str = "auto"):
         self.config = cfg
         precision = Precision(DTYPES[dtype], DTYPES[param_dtype])
-        self.dtype, self.remat = precision.dtype, remat
+        self.dtype, self.remat, self.scan_layers = precision.dtype, remat_policies.resolve(remat), scan_layers
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=precision.dtype,
                                       param_dtype=precision.param_dtype,
                                       embedding_init=jax.nn.initializers.normal(0.02))
-        self.layers = nnx.List([Block(cfg, rngs, precision) for _ in range(cfg.num_hidden_layers)])
+        self.layers = layer_blocks(cfg, rngs, precision, attention, scan_layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, precision.param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, rngs, precision)
 
@@ -227,10 +267,30 @@ class Llama(nnx.Module):
         batch, length = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = _remat_block(layer, x, positions, segment_ids) if self.remat else layer(x, positions, segment_ids)[0]
+        x, _ = self._run_layers(self.embed_tokens(tokens), None, self.remat,
+                                {"positions": positions, "segment_ids": segment_ids})
         return x
+
+    def _run_layers(self, x: jax.Array, cache: KVCache | None, remat: str,
+                    attention: dict) -> tuple[jax.Array, KVCache | None]:
+        """x through every layer, each with its slice of `cache` (None: cache-free), under the
+        remat policy; returns x and the layers' returned caches, stacked."""
+        step = _layer
+        if remat != "none":
+            step = nnx.remat(_layer, policy=remat_policies.checkpoint_policy(remat), prevent_cse=not self.scan_layers)
+        layer_caches = None if cache is None else LayerCache(cache.keys, cache.values)
+        if self.scan_layers:
+            scan = nnx.scan(step, in_axes=(0, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
+            x, layer_caches = scan(self.layers, x, layer_caches, attention)
+        else:
+            returned = []
+            for index, layer in enumerate(self.layers):
+                own = None if cache is None else LayerCache(cache.keys[index], cache.values[index])
+                x, own = step(layer, x, own, attention)
+                returned.append(own)
+            if cache is not None:
+                layer_caches = LayerCache(jnp.stack([c.keys for c in returned]), jnp.stack([c.values for c in returned]))
+        return x, None if layer_caches is None else KVCache(layer_caches.keys, layer_caches.values)
 
     def head(self, x: jax.Array) -> jax.Array:
         """Logits of hidden states x [.., hidden]: the final norm, then the output head."""
@@ -287,7 +347,7 @@ class Llama(nnx.Module):
         (any lengths; `branch_ids` numbers each token's branch, -1 for padding); cache_valid
         [U, S_max]: the cached slots every branch attends to. Returns the logits [U, T, V]
         (or, with `logits_at` [U, R] indices, [U, R, V]) and the branches' own keys / values
-        per layer ([U, T, KV, D]; `KVCache.commit` appends a chosen branch to the cache).
+        ([L, U, T, KV, D]; `KVCache.commit` appends a chosen branch to the cache).
         """
         return self._cached_pass(tokens, cache, logits_at, positions=positions, mask=cache_valid, branch_ids=branch_ids)
 
@@ -296,14 +356,10 @@ class Llama(nnx.Module):
         """Every layer with its cache entry (`attention`: `Block`'s keyword arguments), then the
         logits, only at `logits_at` ([B] or [B, R] positions) when given; returns them and the
         layers' returned caches."""
-        x = self.embed_tokens(tokens)
-        layers = []
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache = layer(x, cache=layer_cache, **attention)
-            layers.append(layer_cache)
+        x, cache = self._run_layers(self.embed_tokens(tokens), cache, "none", attention)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at.reshape(logits_at.shape[0], -1, 1), axis=1)
-        return self.head(x), KVCache(layers)
+        return self.head(x), cache
 
 
 @jax.tree_util.register_dataclass
@@ -316,28 +372,35 @@ class LayerCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    layers: list[LayerCache]
+    """Every layer's keys and values, stacked: [L, B, S_max, KV, D] each (scanned or looped layers)."""
+
+    keys: jax.Array
+    values: jax.Array
 
     @property
     def max_length(self) -> int:
-        return self.layers[0].keys.shape[1]
+        return self.keys.shape[2]
 
     @classmethod
     def zeros(cls, cfg: LlamaConfig, batch: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
-        shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_size)
-        return cls([LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)])
+        shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_size)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def repeat(self, batch: int) -> KVCache:
         """A batch-1 cache (a shared prefix) copied for `batch` continuations."""
-        return jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), self)
+        return jax.tree.map(lambda a: jnp.repeat(a, batch, axis=1), self)
+
+    def grow(self, extra: int) -> KVCache:
+        """The cache with `extra` empty slots appended."""
+        return jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))), self)
 
     def commit(self, branches: KVCache, offsets: jax.Array, width: int, start: jax.Array | int) -> KVCache:
         """This cache with `width` tokens of `Llama.extend_branches`'s keys / values, from
         index `offsets[u]` of row u (a chosen branch), written into slots start..start+W-1."""
         def write(cached: jax.Array, own: jax.Array) -> jax.Array:
-            index = jnp.minimum(offsets[:, None] + jnp.arange(width), own.shape[1] - 1)  # [U, W]
-            picked = jnp.take_along_axis(own, index[:, :, None, None], axis=1)  # [U, W, KV, D]
-            return jax.lax.dynamic_update_slice(cached, picked.astype(cached.dtype), (0, start, 0, 0))
+            index = jnp.minimum(offsets[:, None] + jnp.arange(width), own.shape[2] - 1)  # [U, W]
+            picked = jnp.take_along_axis(own, index[None, :, :, None, None], axis=2)  # [L, U, W, KV, D]
+            return jax.lax.dynamic_update_slice(cached, picked.astype(cached.dtype), (0, 0, start, 0, 0))
         return jax.tree.map(write, self, branches)
 
 

@@ -48,27 +48,50 @@ lora_a_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform
 
 
 class LoRALinear(nnx.Module):
-    """A frozen `nnx.Linear` plus a trainable low-rank update: base(x) + dropout(x) @ A @ B * alpha / rank."""
+    """A frozen `nnx.Linear` plus a trainable low-rank update: base(x) + dropout(x) @ A @ B * alpha / rank.
+
+    With `layers`, the base is the stacked projection of scanned layers (kernel [L, in, out]) and
+    A, B and the dropout's random stream get the same leading layers axis (each layer its own)."""
 
     def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs,
-                 param_dtype: jnp.dtype = jnp.float32):
-        in_features, out_features = base.kernel.shape
+                 param_dtype: jnp.dtype = jnp.float32, layers: int | None = None, key: jax.Array | None = None):
+        in_features, out_features = base.kernel.shape[-2:]
         self.base = base
         self.rank = rank
         self.alpha = alpha
         self.scale = alpha / rank
-        self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (in_features, rank), param_dtype))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype))
-        self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
+        lead = () if layers is None else (layers,)
+        key = rngs.params() if key is None else key  # with `layers`: one key per layer, [L]
+        init = lambda key: lora_a_init(key, (in_features, rank), param_dtype)  # noqa: E731
+        self.lora_a = nnx.LoRAParam(init(key) if layers is None else jax.vmap(init)(key))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, out_features), param_dtype))
+        self.dropout = _dropout(dropout, rngs, layers)
 
     def delta(self) -> jax.Array:
-        """The update folded into the kernel by merging: A @ B * scale, [in, out], float32."""
+        """The update folded into the kernel by merging: A @ B * scale, [(L,) in, out], float32."""
         return (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.scale
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.base(x)
-        update = (self.dropout(x) @ self.lora_a[...]) @ self.lora_b[...]
+        # in the input's dtype, as the frozen projection runs (float32 adapters would promote a
+        # bfloat16 x [B, T, in] to float32 first), accumulating in float32
+        a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+        update = jnp.dot(jnp.dot(self.dropout(x), a, preferred_element_type=jnp.float32).astype(x.dtype), b,
+                         preferred_element_type=jnp.float32)
         return y + (update * self.scale).astype(y.dtype)
+
+
+def _dropout(rate: float, rngs: nnx.Rngs, layers: int | None) -> nnx.Dropout:
+    """The adapter's input dropout (rate 0: no random stream); one stream per layer with `layers`."""
+    if rate == 0 or layers is None:
+        return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def create(rngs: nnx.Rngs) -> nnx.Dropout:
+        return nnx.Dropout(rate, rngs=rngs)
+
+    return create(rngs)
 
 
 def normalise_targets(targets: Sequence[str]) -> tuple[str, ...]:
@@ -101,26 +124,45 @@ def _parent(layer: nnx.Module, projection: str) -> nnx.Module:
     return layer.self_attn if projection in ATTENTION_PROJECTIONS else layer.mlp
 
 
+def _blocks(model) -> list[tuple[str, nnx.Module]]:
+    """(name, block) of every layer: the one stacked block of scanned layers, or each layer."""
+    if model.scan_layers:
+        return [("layers", model.layers)]
+    return [(f"layers.{index}", layer) for index, layer in enumerate(model.layers)]
+
+
 def apply_lora(model, targets: Sequence[str], rank: int, alpha: float, dropout: float, rngs: nnx.Rngs):
-    """Wrap the target projections of every layer in `LoRALinear`, in place; returns the model."""
+    """Wrap the target projections of every layer in `LoRALinear`, in place; returns the model.
+    Layer i's A comes from the i-th of one split of keys per projection, so scanned and looped
+    layers get the same adapters from the same seed."""
     projections = normalise_targets(targets)
     _check_hyperparameters(rank, alpha, dropout)
-    for index, layer in enumerate(model.layers):
+    blocks = _blocks(model)
+    for name, block in blocks:
         for projection in projections:
-            parent = _parent(layer, projection)
-            base = getattr(parent, projection)
+            base = getattr(_parent(block, projection), projection)
             if isinstance(base, LoRALinear):
                 raise RecRankerError(
-                    f"layers.{index}.{projection} already has a LoRA adapter; call merge_lora first to stack another"
+                    f"{name}.{projection} already has a LoRA adapter; call merge_lora first to stack another"
                 )
             if not isinstance(base, nnx.Linear) or getattr(base, "bias", None) is not None:
-                raise RecRankerError(f"layers.{index}.{projection} is {type(base).__name__}; expected a bias-free nnx.Linear")
-            setattr(parent, projection, LoRALinear(base, rank, alpha, dropout, rngs))
+                raise RecRankerError(f"{name}.{projection} is {type(base).__name__}; expected a bias-free nnx.Linear")
+    layers = model.config.num_hidden_layers
+    # all A keys first: the dropouts' random streams below draw from `rngs` too
+    projection_keys = [jax.random.split(rngs.params(), layers) for _ in projections]
+    for projection, keys in zip(projections, projection_keys):
+        for index, (_, block) in enumerate(blocks):
+            parent = _parent(block, projection)
+            adapter = (LoRALinear(getattr(parent, projection), rank, alpha, dropout, rngs, layers=layers, key=keys)
+                       if model.scan_layers else
+                       LoRALinear(getattr(parent, projection), rank, alpha, dropout, rngs, key=keys[index]))
+            setattr(parent, projection, adapter)
     return model
 
 
 def lora_modules(model) -> dict[tuple, LoRALinear]:
-    """Path in the model (e.g. ('layers', 0, 'self_attn', 'q_proj')) -> its LoRALinear."""
+    """Path in the model (e.g. ('layers', 0, 'self_attn', 'q_proj'); scanned layers:
+    ('layers', 'self_attn', 'q_proj')) -> its LoRALinear."""
     return {tuple(path): module for path, module in nnx.iter_modules(model) if isinstance(module, LoRALinear)}
 
 
@@ -170,11 +212,15 @@ def export_peft(model, folder: str | Path, base_model_name_or_path: str, targets
             raise RecRankerError(
                 f"{'.'.join(map(str, path))} has rank {module.rank}, alpha {module.alpha}; export asked for rank {rank}, alpha {alpha}"
             )
-        name = "base_model.model.model." + ".".join(map(str, path))
         lora_a = np.asarray(jax.device_get(module.lora_a[...]), np.float32)
         lora_b = np.asarray(jax.device_get(module.lora_b[...]), np.float32)
-        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(lora_a.T)  # [r, in]
-        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(lora_b.T)  # [out, r]
+        # per layer, as PEFT names them: a stacked (scanned) adapter is split into its layers
+        per_layer = [(path, lora_a, lora_b)] if lora_a.ndim == 2 else [
+            (("layers", index, *path[1:]), lora_a[index], lora_b[index]) for index in range(lora_a.shape[0])]
+        for layer_path, layer_a, layer_b in per_layer:
+            name = "base_model.model.model." + ".".join(map(str, layer_path))
+            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(layer_a.T)  # [r, in]
+            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(layer_b.T)  # [out, r]
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

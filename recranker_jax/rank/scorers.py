@@ -141,8 +141,7 @@ def _prefill(model: Llama, tokens, positions, valid):
 
 @jax.jit(static_argnames="extra")
 def _grow(cache: KVCache, extra: int) -> KVCache:
-    """The cache with `extra` empty slots appended."""
-    return jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0))), cache)
+    return cache.grow(extra)
 
 
 @nnx.jit
@@ -318,9 +317,10 @@ def listwise_rankings(
     return positions
 
 
-def generate(model: Llama, prompts: Sequence[Sequence[int]], max_tokens: int, eos: int, batch_size: int,
+def generate(model: Llama, prompts: Sequence[Sequence[int]], max_tokens: int, eos: int | None, batch_size: int,
              progress: bool = True) -> list[list[int]]:
-    """Greedy free-text continuations (stopping at EOS), batched with a KV cache."""
+    """Greedy free-text continuations (stopping at EOS; `eos` None: never, exactly `max_tokens`
+    tokens each), batched with a KV cache."""
     outputs: dict[int, list[int]] = {}
     for indices in _batches([len(p) for p in prompts], batch_size, "generate", progress):
         batch = [prompts[i] for i in indices]
@@ -333,7 +333,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_tokens: int, eo
         for step in range(max_tokens):
             for row in range(len(batch)):
                 if not done[row]:
-                    if token[row] == eos:
+                    if eos is not None and token[row] == eos:
                         done[row] = True
                     else:
                         generated[row].append(int(token[row]))

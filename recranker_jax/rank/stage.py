@@ -20,6 +20,7 @@ from recranker_jax.config import Config
 from recranker_jax.data.split import SplitData, load_split
 from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.hf_import import load_hf_llama
+from recranker_jax.llm.llama import Llama, model_options
 from recranker_jax.prompts.render import quote
 from recranker_jax.prompts.stage import read_candidates
 from recranker_jax.prompts.tokenizer import load_tokenizer
@@ -80,20 +81,24 @@ def read_prompts(path: Path, data: SplitData, candidates: list[list[int]]) -> di
 
 
 class Ranker:
-    """The tuned model and tokenizer, with the task scorers over groups of users."""
+    """The tuned model and tokenizer, with the task scorers over groups of users.
 
-    def __init__(self, cfg: Config, model_dir: Path, max_rating: int, titles: list[str]):
+    Generate mode answers a task with at most `generate_tokens[task]` tokens, stopping at token
+    `eos` (None: never, so exactly that many, e.g. for random weights, which never emit it)."""
+
+    def __init__(self, cfg: Config, tokenizer, model: Llama, max_rating: int, titles: list[str]):
         self.cfg, self.max_rating, self.titles = cfg, max_rating, titles
-        self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_hf_llama(model_dir, cfg.model.dtype, cfg.model.param_dtype)
+        self.tokenizer, self.model = tokenizer, model
         self.ratings = scorers.answer_tokens(self.tokenizer, [str(r) for r in range(1, max_rating + 1)])
         self.yes_no = scorers.answer_tokens(self.tokenizer, ["Yes", "No"])
         self.batch = cfg.rank.batch_size
         self.generate_mode = cfg.rank.mode == "generate"
+        self.generate_tokens = {"pointwise": 8, "pairwise": 8, "listwise": cfg.rank.generate_tokens}
+        self.eos = tokenizer.eos_token_id
 
-    def _generate(self, records: list[dict], max_tokens: int) -> list[str]:
+    def _generate(self, task: str, records: list[dict]) -> list[str]:
         ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
-        outputs = scorers.generate(self.model, ids, max_tokens, self.tokenizer.eos_token_id, self.batch * 4)
+        outputs = scorers.generate(self.model, ids, self.generate_tokens[task], self.eos, self.batch * 4)
         return self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
 
     def prompt_groups(self, groups: list[list[dict]]) -> list[scorers.PromptGroup]:
@@ -104,7 +109,7 @@ class Ranker:
         """Per user, the predicted rating of each prompt's candidate; and the unreadable rate."""
         records = [r for g in groups for r in g]
         if self.generate_mode:
-            parsed = [scorers.parse_rating(t, self.max_rating) for t in self._generate(records, 8)]
+            parsed = [scorers.parse_rating(t, self.max_rating) for t in self._generate("pointwise", records)]
             values = np.array([3.0 if p is None else p for p in parsed])  # the reference's fallback
             unreadable = float(np.mean([p is None for p in parsed])) if parsed else 0.0
         else:
@@ -117,7 +122,7 @@ class Ranker:
         """Per user, 1 / 0 / -1 (Yes / No / unreadable) for each prompt; and the unreadable rate."""
         records = [r for g in groups for r in g]
         if self.generate_mode:
-            answers = np.array([scorers.parse_yes_no(t) for t in self._generate(records, 8)], np.int8)
+            answers = np.array([scorers.parse_yes_no(t) for t in self._generate("pairwise", records)], np.int8)
         else:
             split = self.prompt_groups(groups)
             logprobs = scorers.next_token_logprobs(self.model, split, self.yes_no.lead, self.batch, "pairwise")
@@ -138,7 +143,7 @@ class Ranker:
         top = self.cfg.rank.list_positions
         if self.generate_mode:
             shown = [[self.titles[i] for i in r["_items"]] for r in records]
-            parsed = [scorers.parse_ranking(t, s, top) for t, s in zip(self._generate(records, self.cfg.rank.generate_tokens), shown)]
+            parsed = [scorers.parse_ranking(t, s, top) for t, s in zip(self._generate("listwise", records), shown)]
             unreadable = float(np.mean([p is None for p in parsed])) if parsed else 0.0
             return [np.zeros(len(s), np.int32) if p is None else p for p, s in zip(parsed, shown)], unreadable
         tok = self.tokenizer
@@ -150,11 +155,16 @@ class Ranker:
         return [positions[u, : len(r["_items"])] for u, r in enumerate(records)], 0.0
 
 
-def load_ranker(cfg: Config, data: SplitData, instructions_dir: Path, finetune_dir: Path) -> Ranker:
-    """The run's tuned model with its rating scale and quoted titles."""
+def load_ranker(cfg: Config, data: SplitData, instructions_dir: Path, finetune_dir: Path | None,
+                model: Llama | None = None, tokenizer=None) -> Ranker:
+    """The run's tuned model (finetune_dir/model) with its rating scale and quoted titles; or,
+    given them, an in-memory `model` and its `tokenizer` (e.g. random weights, for a benchmark)."""
     stats = json.loads((instructions_dir / "stats.json").read_text())
     titles = [quote(str(t)) for t in data.items["title"]]
-    return Ranker(cfg, finetune_dir / "model", int(stats["max_rating"]), titles)
+    if model is None:
+        tokenizer = load_tokenizer(finetune_dir / "model")
+        model = load_hf_llama(finetune_dir / "model", **model_options(cfg, training=False))
+    return Ranker(cfg, tokenizer, model, int(stats["max_rating"]), titles)
 
 
 def rank_split(cfg: Config, ranker: Ranker, data: SplitData, candidates: list[list[int]], prompts: dict,

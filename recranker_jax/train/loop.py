@@ -5,6 +5,9 @@ Batch b of the run is a fixed function of (seed, b), so a resumed run sees exact
 batches the uninterrupted run would have. A checkpoint is written every `save_every`
 steps, on SIGTERM, and at the end; the last few are kept. A latest checkpoint that cannot be
 restored (corrupt, or cut short by a crash) is skipped with a warning for the one before it.
+A checkpoint holds the trained weights, the optimizer and random state, in the model's layer
+layout (a checkpoint of the other `model.scan_layers` layout is a one-line error saying which
+to use), and not the frozen base weights of LoRA, which every start reads from model.checkpoint.
 Each step logs its loss, tokens/s and, where the device's peak is known, the MFU.
 """
 
@@ -26,6 +29,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from recranker_jax.errors import RecRankerError
+from recranker_jax.llm.layout import checkpoint_layout
 from recranker_jax.train.packing import PackedRows, answer_capacity, batch_arrays
 from recranker_jax.train.step import place_batch, train_step
 
@@ -42,6 +46,23 @@ class StepLog:
     mfu: float | None = None  # model FLOPs (padding included) / the devices' peak
 
 
+def check_layout(manager: ocp.CheckpointManager, step: int, target: dict) -> None:
+    """A one-line error when checkpoint `step` holds the other layer layout (scanned / looped,
+    `model.scan_layers`) than `target`; nothing when it cannot tell (an unreadable checkpoint is
+    handled by the fallback of `restore_latest`)."""
+    try:
+        saved = manager.item_metadata(step).tree["model"]["layers"]
+    except Exception:  # noqa: BLE001 - unreadable or another structure: the restore decides
+        return
+    saved_layout = checkpoint_layout(list(saved))
+    wanted = checkpoint_layout(list(target["model"]["layers"]))
+    if saved_layout != wanted:
+        raise RecRankerError(
+            f"{manager.directory}/{step}: the checkpoint holds {saved_layout} layers but the model's are {wanted}; "
+            f"resume with model.scan_layers={str(saved_layout == 'scanned').lower()}, the layout it was written with"
+        )
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: dict) -> tuple[int, dict | None]:
     """(step, state) of the newest checkpoint that restores (newer, unreadable ones are deleted);
     (0, None) when there is none."""
@@ -49,6 +70,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: dict) -> tuple[int, d
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     failed: list[int] = []
     for step in steps:
+        check_layout(manager, step, target)
         try:
             state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # noqa: BLE001 - any failure to read it means: use the one before
@@ -102,18 +124,26 @@ def train(
     """
     manager = None
     start = 0
+    # what a checkpoint holds: everything but frozen base weights (LoRA's base comes back from
+    # model.checkpoint at every start; 13.5 GB of LLaMA-2 7B not written every save_every steps)
+    kept = nnx.Any(optimizer.wrt, nnx.Not(nnx.Param))
+
+    def snapshot() -> dict:
+        return {"model": nnx.state(model, kept), "optimizer": nnx.state(optimizer)}
+
     if checkpoint_dir is not None:
         manager = ocp.CheckpointManager(
-            Path(checkpoint_dir).resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=keep)
+            Path(checkpoint_dir).resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=keep),
+            item_handlers=ocp.StandardCheckpointHandler(),  # so a new process reads the metadata (check_layout)
         )
-        start, restored = restore_latest(manager, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
+        start, restored = restore_latest(manager, snapshot())
         if restored is not None:
             nnx.update(model, restored["model"])
             nnx.update(optimizer, restored["optimizer"])
 
     def save(step: int) -> None:
         if manager is not None and manager.latest_step() != step:
-            manager.save(step, args=ocp.args.StandardSave({"model": nnx.state(model), "optimizer": nnx.state(optimizer)}))
+            manager.save(step, args=ocp.args.StandardSave(snapshot()))
             manager.wait_until_finished()
 
     stop = {"requested": False}

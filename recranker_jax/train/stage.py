@@ -26,7 +26,7 @@ from recranker_jax.config import Config
 from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.hf_export import export_hf
 from recranker_jax.llm.hf_import import load_hf_llama
-from recranker_jax.llm.llama import Llama, LlamaConfig
+from recranker_jax.llm.llama import Llama, LlamaConfig, model_options
 from recranker_jax.parallel import axis_size, is_primary, make_mesh
 from recranker_jax.prompts.tokenizer import encode_example, load_tokenizer
 from recranker_jax.train.loop import train
@@ -55,7 +55,7 @@ def build_model(cfg: Config, vocab_size: int, mesh=None) -> Llama:
     """The ranker LLM: the checkpoint's weights placed on the mesh, or a fresh model."""
     m = cfg.model
     if m.checkpoint:
-        model = load_hf_llama(m.checkpoint, m.dtype, m.param_dtype, cfg.train.remat, mesh, cfg.mesh.rules)
+        model = load_hf_llama(m.checkpoint, mesh, cfg.mesh.rules, **model_options(cfg))
         if model.config.vocab_size < vocab_size:
             raise RecRankerError(
                 f"{m.checkpoint}: the model has {model.config.vocab_size} token embeddings but the "
@@ -68,7 +68,7 @@ def build_model(cfg: Config, vocab_size: int, mesh=None) -> Llama:
         num_key_value_heads=m.num_key_value_heads, rope_theta=m.rope_theta,
         max_position_embeddings=cfg.train.seq_len, tie_word_embeddings=m.tie_word_embeddings,
     )
-    return Llama(llama, nnx.Rngs(cfg.run.seed), m.dtype, m.param_dtype, cfg.train.remat)
+    return Llama(llama, nnx.Rngs(cfg.run.seed), **model_options(cfg))
 
 
 def throughput_model(cfg: Config, model: Llama, mesh) -> dict:

@@ -93,9 +93,11 @@ def make_optimizer(
     return optax.MultiSteps(tx, every_k_schedule=accumulation) if accumulation > 1 else tx
 
 
-@nnx.jit
+@nnx.jit(donate_argnums=(0, 1))
 def train_step(model: Llama, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]) -> jax.Array:
-    """One optimizer update on `batch`; returns the loss before the update."""
+    """One optimizer update on `batch`; returns the loss before the update. The model's and the
+    optimizer's arrays are donated: the step updates them in place, and the frozen weights of
+    LoRA are not copied every step (LLaMA-2 7B: 13.5 GB of device memory and a copy per step)."""
     diff = nnx.DiffState(0, optimizer.wrt)
     (loss, _), grads = nnx.value_and_grad(answer_loss, argnums=diff, has_aux=True)(model, batch)
     optimizer.update(model, grads)
