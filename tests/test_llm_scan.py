@@ -12,7 +12,7 @@ from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.layout import value_in_layout
 from recranker_jax.llm.llama import KVCache, Llama, LlamaConfig
 from recranker_jax.llm.lora import apply_lora
-from recranker_jax.train.step import answer_loss, make_optimizer, train_step
+from recranker_jax.train.step import answer_loss, jitted_train_step, make_optimizer, train_step
 
 CFG = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=56, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -117,7 +117,7 @@ def lowered_step_size(layers: int, scan_layers: bool) -> int:
 
     model, optimizer = nnx.eval_shape(build)
     batch = {name: jax.ShapeDtypeStruct((2, 64), jnp.int32) for name in ("tokens", "positions", "segment_ids", "loss_mask")}
-    return len(train_step.lower(model, optimizer, batch).as_text())
+    return len(jitted_train_step().lower(model, optimizer, batch).as_text())
 
 
 def test_the_scanned_training_step_does_not_grow_with_depth():

@@ -54,7 +54,7 @@ def bench_compile(cfg: Config, preset: str = "7b-lora", scan_layers: bool = True
     from recranker_jax.bench.hardware import environment
     from recranker_jax.bench.train import problem_from_config
     from recranker_jax.llm.remat import resolve
-    from recranker_jax.train.step import train_step
+    from recranker_jax.train.step import jitted_train_step
 
     problem = problem_from_config(cfg, preset)
     if layers is not None:
@@ -64,7 +64,7 @@ def bench_compile(cfg: Config, preset: str = "7b-lora", scan_layers: bool = True
     problem["remat"] = resolve(remat or problem["remat"])
     model, optimizer, batch = abstract_step_inputs(problem, scan_layers)
     started = time.perf_counter()
-    lowered = train_step.lower(model, optimizer, batch)
+    lowered = jitted_train_step().lower(model, optimizer, batch)
     lower_seconds = time.perf_counter() - started
     program = lowered.as_text()
     started = time.perf_counter()

@@ -93,7 +93,7 @@ PRESETS: dict[str, dict] = {
         "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "tie_word_embeddings": True,
         "seq_len": 1152, "batch_size": 4, "dtype": "float32", "param_dtype": "float32", "remat": "none",
-        "lora": None, **_OPTIMIZER, "seed": 0, "loss": "all",
+        "lora": None, **_OPTIMIZER, "seed": 0, "loss": "all", "scan_layers": False,  # as configs/quickstart.yaml
     },
     "tiny-lora": {
         "vocab_size": 512, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
@@ -122,7 +122,8 @@ def problem_from_config(cfg: Config, preset: str = "quickstart", remat: str | No
     """The benchmark problem (a JSON-able dict): a preset, or `config` (the run config's sizes);
     `remat` overrides its JAX remat policy."""
     if preset in PRESETS:
-        problem = dict(PRESETS[preset])
+        # a preset fixes the problem; the attention kernel is how it runs (model.attention)
+        problem = {**PRESETS[preset], "attention": cfg.model.attention}
     elif preset == "config":
         m, t = cfg.model, cfg.train
         if m.checkpoint:
@@ -139,7 +140,8 @@ def problem_from_config(cfg: Config, preset: str = "quickstart", remat: str | No
                    "param_dtype": m.param_dtype, "remat": t.remat,
                    "lora": {"targets": list(lora.targets), "rank": lora.rank, "alpha": lora.alpha} if lora.enabled else None,
                    "lr": t.lr, "warmup_steps": t.warmup_steps, "total_steps": t.steps,
-                   "weight_decay": t.weight_decay, "clip_norm": t.clip_norm, "seed": cfg.run.seed, "loss": "all"}
+                   "weight_decay": t.weight_decay, "clip_norm": t.clip_norm, "seed": cfg.run.seed, "loss": "all",
+                   "scan_layers": m.scan_layers, "attention": m.attention}
     else:
         raise RecRankerError(f"bench train: preset {preset!r}: expected one of {', '.join([*PRESETS, 'config'])}")
     if remat is not None:
