@@ -17,10 +17,6 @@ from pathlib import Path
 from recranker_jax.config import load_config
 from recranker_jax.errors import RecRankerError
 
-# Stages of the whole pipeline, in order.
-PIPELINE_STAGES = ("data", "retrieval", "instructions", "finetune", "rank", "report")
-
-
 def _add_common(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
     parser.add_argument(
         "--config",
@@ -44,17 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(split)
     split.add_argument("--out", help="also copy the CSVs into this folder")
 
-    retrieval = stages.add_parser("retrieval", help="train LightGCN, MF, explicit MF, popularity; write candidates")
-    _add_common(retrieval)
+    from recranker_jax.pipeline import STAGES
 
-    instructions = stages.add_parser("instructions", help="sample users, build the prompts of the three tasks")
-    _add_common(instructions)
-
-    finetune = stages.add_parser("finetune", help="instruction-tune the ranker LLM on the run's instructions")
-    _add_common(finetune)
-
-    rank = stages.add_parser("rank", help="re-rank the candidates with the tuned LLM (each task and the hybrid); evaluate")
-    _add_common(rank)
+    for stage in STAGES.values():
+        if stage.name != "data":  # data has its own actions above
+            _add_common(stages.add_parser(stage.name, help=stage.help))
 
     bench = stages.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -137,98 +127,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_stats(stats: dict) -> None:
-    width = max(len(k) for k in stats)
-    for key, value in stats.items():
-        shown = f"{value:.6f}" if isinstance(value, float) and key == "density" else value
-        print(f"{key:<{width}}  {shown}")
-    if not stats.get("has_timestamps", True):
-        print("note: this source has no timestamps; interactions are ordered by file order")
-
-
-def _data_stage(cfg):
-    from recranker_jax.pipeline import data_stage
-
-    return data_stage(cfg)
-
-
 def cmd_data_stats(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    out, _ = _data_stage(cfg)
-    stats = json.loads((out / "meta.json").read_text())
-    if args.json:
-        print(json.dumps(stats, indent=2))
-    else:
-        _print_stats(stats)
+    from recranker_jax.data.split import format_stats
+    from recranker_jax.pipeline import run
+    from recranker_jax.run import DataFolder, read_json
+
+    out, _ = run(load_config(args.config, args.overrides), "data")
+    stats = read_json(DataFolder(out).meta)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
-    from recranker_jax.data.split import SPLIT_FILES
+    from recranker_jax.pipeline import run
+    from recranker_jax.run import SPLIT_FILES, DataFolder
 
-    cfg = load_config(args.config, args.overrides)
-    out, cached = _data_stage(cfg)
+    out, cached = run(load_config(args.config, args.overrides), "data")
     target = out
     if args.out:
         target = Path(args.out)
         if target.exists() and not target.is_dir():
             raise RecRankerError(f"--out {target}: expected a folder, found a file")
         target.mkdir(parents=True, exist_ok=True)
-        for name in (*SPLIT_FILES, "meta.json"):
-            shutil.copyfile(out / name, target / name)
+        for source in (*(out / name for name in SPLIT_FILES), DataFolder(out).meta):
+            shutil.copyfile(source, target / source.name)
     print(f"split {'reused from' if cached else 'written to'} {out}" + (f", copied to {target}" if args.out else ""))
     return 0
 
 
-def _run_retrieval(cfg) -> None:
-    from recranker_jax.pipeline import retrieval_stage
-    from recranker_jax.retrieval.stage import format_table
+def _run_stage(cfg, name: str) -> None:
+    from recranker_jax.pipeline import STAGES, run
 
-    out, cached = retrieval_stage(cfg)
-    result = json.loads((out / "metrics.json").read_text())
-    print(f"[retrieval] {'cached' if cached else 'done'}: {out}")
-    print(f"test split, full-catalogue ranking with training items masked; candidates: top-{result['candidates']} of {result['backbone']}")
-    print(format_table(result, "test"))
+    out, cached = run(cfg, name)
+    print(STAGES[name].summary(cfg, out, cached))
 
 
-def _run_instructions(cfg) -> None:
-    from recranker_jax.pipeline import instructions_stage
-
-    out, cached = instructions_stage(cfg)
-    stats = json.loads((out / "stats.json").read_text())
-    print(f"[instructions] {'cached' if cached else 'done'}: {out}")
-    print(f"train examples by task: {stats['train']['by_task']} (sampling: {stats['sampling']['strategy']}, "
-          f"{stats['sampling']['distinct_users']} distinct users); skipped: {stats['train']['skipped_too_few_ratings']}")
-    print(f"test prompts by task: {stats['test']['by_task']}; truncated history: {stats['truncated_history']}")
-
-
-def _run_finetune(cfg) -> None:
-    from recranker_jax.pipeline import finetune_stage
-
-    out, cached = finetune_stage(cfg)
-    summary = json.loads((out / "summary.json").read_text())
-    print(f"[finetune] {'cached' if cached else 'done'}: {out}")
-    line = (f"{summary['examples']} examples in {summary['packed_rows']} packed rows, {summary['steps']} steps, "
-            f"{summary['parameters']:,} parameters")
-    if summary["first_loss"] is not None and summary["median_tokens_per_second"] is not None:
-        line += (f"; loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} (this call); "
-                 f"median {summary['median_tokens_per_second']:.0f} tokens/s")
-    print(line)
-
-
-def _run_rank(cfg) -> None:
-    from recranker_jax.pipeline import rank_stage
-    from recranker_jax.report import format_table
-
-    out, cached = rank_stage(cfg)
-    document = json.loads((out / "metrics.json").read_text())
-    test = document["splits"].get("test") or next(iter(document["splits"].values()))
-    print(f"[rank] {'cached' if cached else 'done'}: {out} ({document['mode']} mode, {test['scored_users']} users "
-          f"with the held-out item among the candidates scored by the LLM)")
-    print(format_table(document, "test" if "test" in document["splits"] else next(iter(document["splits"]))))
-
-
-def _run_report(cfg) -> None:
+def _write_report(cfg) -> None:
     from recranker_jax.parallel import is_primary
     from recranker_jax.report import write_report
 
@@ -236,26 +170,20 @@ def _run_report(cfg) -> None:
         print(f"[report] written: {write_report(cfg.run_dir)}")
 
 
-def _run_data(cfg) -> None:
-    out, cached = _data_stage(cfg)
-    print(f"[data] {'cached' if cached else 'done'}: {out}")
-    _print_stats(json.loads((out / "meta.json").read_text()))
-
-
-STAGE_RUNNERS = {"data": _run_data, "retrieval": _run_retrieval, "instructions": _run_instructions,
-                 "finetune": _run_finetune, "rank": _run_rank, "report": _run_report}
-
-
 def cmd_stage(args: argparse.Namespace) -> int:
     """`recranker <stage>`: run one stage (and any unfinished stage before it)."""
-    STAGE_RUNNERS[args.command](load_config(args.config, args.overrides))
+    _run_stage(load_config(args.config, args.overrides), args.command)
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    """Every stage of the table, then the report."""
+    from recranker_jax.pipeline import STAGES
+
     cfg = load_config(args.config, args.overrides)
-    for stage in PIPELINE_STAGES:
-        STAGE_RUNNERS[stage](cfg)
+    for name in STAGES:
+        _run_stage(cfg, name)
+    _write_report(cfg)
     return 0
 
 
@@ -328,25 +256,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from recranker_jax.report import compare_runs, format_table, write_report
+    from recranker_jax.run import RunFolder, read_json
 
     if args.runs:
         if args.overrides or args.config:
             raise RecRankerError("report --runs compares finished run folders; drop --config and key=value overrides")
         print(compare_runs([Path(d) for d in args.runs], args.split))
         return 0
-    path = write_report(load_config(args.config, args.overrides).run_dir)
-    print(f"report written to {path}")
-    print(format_table(json.loads((path.parent / "metrics.json").read_text()), args.split))
+    cfg = load_config(args.config, args.overrides)
+    print(f"report written to {write_report(cfg.run_dir)}")
+    print(format_table(read_json(RunFolder.of(cfg).metrics), args.split))
     return 0
 
 
 COMMANDS = {
     ("data", "stats"): cmd_data_stats,
     ("data", "split"): cmd_data_split,
-    ("retrieval", None): cmd_stage,
-    ("instructions", None): cmd_stage,
-    ("finetune", None): cmd_stage,
-    ("rank", None): cmd_stage,
+    # every other stage of pipeline.STAGES: cmd_stage
     ("bench", "retrieval"): cmd_bench_retrieval,
     ("bench", "compare"): cmd_bench_compare,
     ("bench", "rank"): cmd_bench_rank,
@@ -366,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: recranker pipeline needs --config FILE", file=sys.stderr)
         return 2
     action = getattr(args, "data_command", None) or getattr(args, "bench_command", None)
-    handler = COMMANDS[(args.command, action)]
+    handler = COMMANDS.get((args.command, action), cmd_stage)  # the table's stages (parser choices)
     try:
         from recranker_jax.parallel import initialize_distributed, set_xla_flags
 

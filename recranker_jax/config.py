@@ -294,6 +294,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> Config:
+        """Every range, vocabulary and cross-section check (`config_checks`), one RecRankerError
+        naming the key for the first failure; returns the config."""
+        from recranker_jax.config_checks import check_config
+
+        check_config(self)
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
@@ -501,7 +509,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(resolved)
     data = _deep_update(data, parse_overrides(list(overrides or [])))
     try:
-        return _from_dict(Config, data)
+        return _from_dict(Config, data).validate()
     except RecRankerError as err:
         raise RecRankerError(f"{err} (in {source}{' + overrides' if overrides else ''})") from None
 

@@ -10,13 +10,12 @@ problem as one `error: ...` line (exit 2). Nothing here touches a device.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 
 from recranker_jax.config import load_config
 from recranker_jax.errors import RecRankerError
-from recranker_jax.parallel import resolve_mesh_shape
+from recranker_jax.config_checks import check_batch, resolve_mesh_shape
 
 
 def check_mesh_fits(config_path: str | None, overrides: Sequence[str], devices: int) -> str:
@@ -24,17 +23,9 @@ def check_mesh_fits(config_path: str | None, overrides: Sequence[str], devices: 
     evenly over the mesh's batch shards; a RecRankerError otherwise."""
     if devices < 1:
         raise RecRankerError(f"--devices {devices}: expected a positive number of devices")
-    cfg = load_config(config_path, list(overrides))
-    if len(cfg.mesh.shape) != len(cfg.mesh.axes):
-        raise RecRankerError(f"mesh.shape={cfg.mesh.shape} and mesh.axes={cfg.mesh.axes}: expected equal lengths")
+    cfg = load_config(config_path, list(overrides))  # validated: the mesh's static checks
     shape = resolve_mesh_shape(cfg.mesh.shape, devices)
-    sizes = dict(zip(cfg.mesh.axes, shape))
-    batch_shards = math.prod(sizes.get(axis, 1) for axis in cfg.mesh.rules.get("batch", []))
-    if cfg.train.batch_size % batch_shards:
-        raise RecRankerError(
-            f"train.batch_size={cfg.train.batch_size} must be a multiple of the {batch_shards} batch shards of "
-            f"mesh {tuple(shape)} on {devices} devices"
-        )
+    check_batch("train.batch_size", cfg.train.batch_size, cfg.mesh.rules, dict(zip(cfg.mesh.axes, shape)))
     return f"ok: mesh {tuple(shape)} over ({', '.join(cfg.mesh.axes)}) on {devices} devices"
 
 

@@ -3,6 +3,7 @@
 Model code names logical axes ("batch", "embed", "users", ...); the config's
 `mesh.rules` maps them to mesh axes ("data", "fsdp", "tensor"). Nothing here
 knows device counts: the mesh shape comes from the config, -1 taking the rest.
+`place_array`, `place_tree` and `place_batch` put host values on a mesh.
 
 Runs over several processes (TPU pods, Slurm, local tests): `initialize_distributed` joins
 them from the environment, `is_primary` says which one writes files, `to_host` gathers a
@@ -18,46 +19,22 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from recranker_jax.config import MeshConfig
+from recranker_jax.config_checks import check_mesh, resolve_mesh_shape, shards
 from recranker_jax.errors import RecRankerError
 
 T = TypeVar("T")
 
 
-def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
-    """Replace one -1 by the devices left over; check the product equals n_devices."""
-    if any(s == 0 or s < -1 for s in shape):
-        raise RecRankerError(f"mesh.shape={list(shape)}: entries must be positive or -1")
-    wildcards = [i for i, s in enumerate(shape) if s == -1]
-    if len(wildcards) > 1:
-        raise RecRankerError(f"mesh.shape={list(shape)}: at most one entry may be -1")
-    fixed = math.prod(s for s in shape if s != -1)
-    if wildcards:
-        if n_devices % fixed:
-            raise RecRankerError(
-                f"mesh.shape={list(shape)}: the fixed axes ({fixed} devices) do not divide "
-                f"the {n_devices} available devices"
-            )
-        shape = [n_devices // fixed if s == -1 else s for s in shape]
-    if math.prod(shape) != n_devices:
-        raise RecRankerError(
-            f"mesh.shape={list(shape)} needs {math.prod(shape)} devices, but {n_devices} are available"
-        )
-    return tuple(shape)
-
-
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with `cfg.axes` names (all AxisType.Auto) over `devices` (default: all)."""
     devices = list(jax.devices() if devices is None else devices)
-    if len(cfg.shape) != len(cfg.axes):
-        raise RecRankerError(f"mesh.shape={cfg.shape} and mesh.axes={cfg.axes}: expected equal lengths")
-    unknown = sorted({a for axes in cfg.rules.values() for a in axes} - set(cfg.axes))
-    if unknown:
-        raise RecRankerError(f"mesh.rules name mesh axes {unknown} that are not in mesh.axes={cfg.axes}")
+    check_mesh(cfg.shape, cfg.axes, cfg.rules)
     shape = resolve_mesh_shape(cfg.shape, len(devices))
     return jax.make_mesh(
         shape, tuple(cfg.axes), axis_types=(AxisType.Auto,) * len(shape), devices=devices
@@ -85,7 +62,7 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: dict
 
 def axis_size(mesh: Mesh, logical_name: str, rules: dict[str, list[str]]) -> int:
     """How many shards a dimension with this logical name is split into on `mesh`."""
-    return math.prod(mesh.shape[a] for a in rules.get(logical_name, []))
+    return shards(logical_name, rules, dict(mesh.shape))
 
 
 # ----------------------------------------------------------------------------- XLA flags
@@ -284,10 +261,39 @@ def array_sharding(mesh: Mesh, shape: Sequence[int], logical_axes: Sequence[str 
     return NamedSharding(mesh, PartitionSpec(*entries))
 
 
-def place(value, sharding: NamedSharding) -> jax.Array:
-    """`value` (the same on every process) in `sharding`; across processes each process copies
-    only its own devices' blocks, with no cross-process check of the whole array."""
+# ----------------------------------------------------------------------------- placing host values on a mesh
+#
+# Every process passes the same whole value; across processes each copies only its own
+# devices' blocks (nothing is sent between processes, and the whole is not checked).
+
+BATCH_AXES = ("batch", None)  # a packed batch's [rows, tokens] arrays
+
+
+def place_array(value, sharding: NamedSharding) -> jax.Array:
+    """`value` (the same on every process) in `sharding`."""
     if sharding.is_fully_addressable:
         return jax.device_put(value, sharding)
     host = np.asarray(value)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def place_tree(tree: T, mesh: Mesh | None, specs) -> T:
+    """Every leaf of `tree` on `mesh` by `specs`, a tree of PartitionSpecs that is a prefix of
+    `tree` (one spec for a whole subtree); `tree` unchanged without a mesh."""
+    if mesh is None:
+        return tree
+
+    def place_subtree(spec: PartitionSpec, subtree):
+        sharding = NamedSharding(mesh, spec)
+        return jax.tree.map(lambda value: place_array(value, sharding), subtree)
+
+    return jax.tree.map(place_subtree, specs, tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def place_batch(batch: dict, mesh: Mesh | None, rules: dict[str, list[str]]) -> dict[str, jax.Array]:
+    """A global batch of [rows, ...] arrays with its rows split along the logical "batch" axis;
+    plain device arrays without a mesh."""
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    sharding = NamedSharding(mesh, logical_spec(BATCH_AXES, rules))
+    return {k: place_array(v, sharding) for k, v in batch.items()}

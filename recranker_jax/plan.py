@@ -36,7 +36,7 @@ Per device, for T trainable weights (all `nnx.Param`s, or only the adapters with
   of the device memory as not fitting.
 
 Device memory, in GB of 1e9 bytes: --device-memory, else the HBM of --device-kind, else of
-the local accelerator when it is a known chip (bench.hardware), else 16 GB (a TPU v5e chip,
+the local accelerator when it is a known chip (recranker_jax.hardware), else 16 GB (a TPU v5e chip,
 the smallest common accelerator).
 """
 
@@ -176,7 +176,7 @@ def _activation_bytes(llama_config, lora, batch_size: int, seq_len: int, act_byt
     block += scores * (8 + a)  # float32 masked scores and softmax, the weights cast to the compute dtype
     block += per_device((b, s, inter), ("batch", None, "mlp"), a) * 5  # gate, up, sigmoid, silu, product
     if lora is not None:
-        from recranker_jax.llm.lora import normalise_targets
+        from recranker_jax.config_checks import normalise_targets
 
         block += per_device((b, s, lora.rank), ("batch", None, None), a) * len(normalise_targets(lora.targets))
     head = residual + per_device((b, s, vocab), ("batch", None, "vocab"), a + 12)
@@ -203,16 +203,12 @@ def plan_memory(
     model.param_dtype / model.dtype / train.remat. Raises RecRankerError for a mesh that does not match
     n_devices, rules that name unknown mesh axes, or a batch the batch shards do not divide.
     """
-    from recranker_jax.parallel import resolve_mesh_shape
-    from recranker_jax.train.step import weight_axes
+    from recranker_jax.config_checks import check_batch, check_mesh, resolve_mesh_shape, shards
+    from recranker_jax.llm.llama import weight_axes
 
     shape = list(mesh_shape) if mesh_shape is not None else list(cfg.mesh.shape)
     axes = list(cfg.mesh.axes)
-    if len(shape) != len(axes):
-        raise RecRankerError(f"mesh.shape={shape} and mesh.axes={axes}: expected equal lengths")
-    unknown = sorted({a for names in cfg.mesh.rules.values() for a in names} - set(axes))
-    if unknown:
-        raise RecRankerError(f"mesh.rules name mesh axes {unknown} that are not in mesh.axes={axes}")
+    check_mesh(shape, axes, cfg.mesh.rules)
     if n_devices < 1:
         raise RecRankerError(f"--devices {n_devices}: expected a positive integer")
     sizes = dict(zip(axes, resolve_mesh_shape(shape, n_devices)))
@@ -227,12 +223,8 @@ def plan_memory(
     lora = t.lora if t.lora.enabled else None
     llama, source = resolve_architecture(cfg, arch)
 
-    batch_shards = math.prod(sizes[a] for a in rules.get("batch", []))
-    if t.batch_size % batch_shards:
-        raise RecRankerError(
-            f"train.batch_size={t.batch_size} must be a multiple of the {batch_shards} batch shards of the mesh {sizes}"
-        )
-    rows = t.batch_size // batch_shards
+    check_batch("train.batch_size", t.batch_size, rules, sizes)
+    rows = t.batch_size // shards("batch", rules, sizes)
 
     counts = {"base": 0, "adapter": 0}
     per_device = {"base": 0, "adapter": 0}
@@ -282,7 +274,7 @@ def plan_memory(
 
 
 def _default_device_memory(device_kind: str | None) -> tuple[float, str]:
-    from recranker_jax.bench.hardware import device_memory_bytes
+    from recranker_jax.hardware import device_memory_bytes
 
     if device_kind is not None:
         known = device_memory_bytes(device_kind)

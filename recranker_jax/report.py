@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from recranker_jax.errors import RecRankerError
+from recranker_jax.run import RunFolder
 
 METHOD_ORDER = ("backbone", "pointwise", "pairwise", "listwise", "hybrid")
 RETRIEVAL_COLUMNS = ("recall@10", "ndcg@10", "hr@10", "protocol_hr@3", "protocol_ndcg@3", "protocol_hr@5", "protocol_ndcg@5")
@@ -24,7 +25,7 @@ def _read_json(path: Path) -> dict:
 
 def load_ranking_metrics(run_dir: Path) -> dict:
     """runs/<name>/ranking/metrics.json, or a RecRankerError saying to run the rank stage."""
-    path = Path(run_dir) / "ranking" / "metrics.json"
+    path = RunFolder(Path(run_dir)).ranking.metrics
     if not path.is_file():
         raise RecRankerError(f"run folder {run_dir} has no ranking/metrics.json; run `recranker rank` for it first")
     return _read_json(path)
@@ -189,30 +190,30 @@ def plot_metrics(result: dict, path: Path, title: str = "") -> None:
 def write_report(run_dir: Path) -> Path:
     """Write report.md, metrics.json and plots/metrics.png into `run_dir`; returns report.md's path."""
     run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     ranking = load_ranking_metrics(run_dir)
     splits = ranking.get("splits", {})
     if not splits:
-        raise RecRankerError(f"{run_dir / 'ranking' / 'metrics.json'}: no splits; run `recranker rank` again")
+        raise RecRankerError(f"{run.ranking.metrics}: no splits; run `recranker rank` again")
     lines = [f"# RecRanker report: {run_dir.name}", ""]
     lines.append(f"Re-ranking mode: {ranking.get('mode', '?')}. HR@k and NDCG@k of retrieve-top-k-then-re-rank "
                  "over all users; NDCG@k = 1 / log2(rank + 1) for a hit at rank <= k.")
     lines.append("")
-    if (run_dir / "retrieval" / "metrics.json").is_file():
-        lines += ["## Retrieval", ""] + _retrieval_section(_read_json(run_dir / "retrieval" / "metrics.json")) + [""]
+    if run.retrieval.metrics.is_file():
+        lines += ["## Retrieval", ""] + _retrieval_section(_read_json(run.retrieval.metrics)) + [""]
     ordered = [s for s in ("test", "valid") if s in splits] + [s for s in splits if s not in ("test", "valid")]
     for split in ordered:
         lines += _split_section(split, splits[split])
-    if (run_dir / "finetune" / "summary.json").is_file():
-        lines += ["## Instruction tuning", "", _key_value_table(_read_json(run_dir / "finetune" / "summary.json")), ""]
-    config = run_dir / "config.yaml"
+    if run.finetune.summary.is_file():
+        lines += ["## Instruction tuning", "", _key_value_table(_read_json(run.finetune.summary)), ""]
     lines += ["## Config", ""]
-    lines += ["```yaml", config.read_text(encoding="utf-8").rstrip(), "```"] if config.is_file() else ["(no config.yaml)"]
-    report = run_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    shutil.copyfile(run_dir / "ranking" / "metrics.json", run_dir / "metrics.json")
-    plot_metrics(splits[ordered[0]], run_dir / "plots" / "metrics.png",
+    lines += (["```yaml", run.config.read_text(encoding="utf-8").rstrip(), "```"] if run.config.is_file()
+              else ["(no config.yaml)"])
+    run.report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shutil.copyfile(run.ranking.metrics, run.metrics)
+    plot_metrics(splits[ordered[0]], run.plots / "metrics.png",
                  f"{run_dir.name}: {ordered[0]} split, {splits[ordered[0]]['users']} users")
-    return report
+    return run.report
 
 
 def format_table(metrics_json: dict, split: str = "test") -> str:
@@ -238,7 +239,7 @@ def format_table(metrics_json: dict, split: str = "test") -> str:
 def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
     """One markdown table, a row per (run, method), for ablations side by side."""
     run_dirs = [Path(d) for d in run_dirs]
-    results = [(d, _split(load_ranking_metrics(d), split, str(d / "ranking" / "metrics.json"))) for d in run_dirs]
+    results = [(d, _split(load_ranking_metrics(d), split, str(RunFolder(d).ranking.metrics))) for d in run_dirs]
     names_seen = [d.name for d in run_dirs]
     names: list[str] = []
     for _, result in results:

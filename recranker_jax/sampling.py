@@ -32,9 +32,8 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from recranker_jax.config import SamplingConfig
+from recranker_jax.config_checks import check_sampling
 from recranker_jax.errors import RecRankerError
-
-STRATEGIES = ("uniform", "importance", "cluster", "adaptive")
 KMEANS_N_INIT = 10
 
 
@@ -136,16 +135,7 @@ def _validate(cfg: SamplingConfig, like_counts: np.ndarray, user_embeddings: np.
     if like_counts.ndim != 1 or like_counts.shape[0] == 0 or np.any(like_counts < 0):
         raise ValueError(f"like_counts must be a non-empty 1-D array of counts >= 0, got shape {like_counts.shape}")
     n_users = like_counts.shape[0]
-    if cfg.strategy not in STRATEGIES:
-        raise RecRankerError(f"sampling.strategy: expected one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
-    if isinstance(cfg.size, bool) or not isinstance(cfg.size, (int, np.integer)) or cfg.size < 1:
-        raise RecRankerError(f"sampling.size: expected an integer >= 1, got {cfg.size!r}")
-    if not 0.0 < cfg.fraction <= 1.0:
-        raise RecRankerError(f"sampling.fraction: expected a number in (0, 1], got {cfg.fraction!r}")
-    if not 0.0 < cfg.penalty <= 1.0:
-        raise RecRankerError(f"sampling.penalty: expected a number in (0, 1], got {cfg.penalty!r}")
-    if isinstance(cfg.clusters, bool) or not isinstance(cfg.clusters, (int, np.integer)) or cfg.clusters < 1:
-        raise RecRankerError(f"sampling.clusters: expected an integer >= 1, got {cfg.clusters!r}")
+    check_sampling(cfg)  # the config's own ranges (also checked when a config loads)
     if cfg.strategy == "adaptive" and round_half_up(cfg.fraction * cfg.size) < 1:
         raise RecRankerError(
             f"sampling.fraction: expected round(fraction * size) >= 1 for adaptive sampling, "

@@ -15,9 +15,11 @@ from recranker_jax.cli import main
 from recranker_jax.config import load_config
 from recranker_jax.data.split import load_split
 from recranker_jax.llm.llama import Llama, LlamaConfig
-from recranker_jax.pipeline import data_key, instructions_stage, run_stage
+from recranker_jax.pipeline import build_cached, cache_key
+from recranker_jax.pipeline import run as run_stage
+from recranker_jax.run import RunFolder
 from recranker_jax.prompts.tokenizer import load_tokenizer
-from recranker_jax.rank import scorers
+from recranker_jax.llm import decode
 from tests.helpers import synthetic_split
 
 SMALL = ["retrieval.epochs=2", "retrieval.eval_every=1", "retrieval.dim=16", "retrieval.batch_size=64",
@@ -32,8 +34,8 @@ def run(tmp_path_factory):
     """A run whose data (synthetic), retrieval and instructions stages are built; no finetune."""
     overrides = [f"run.root={tmp_path_factory.mktemp('bench-rank')}", *SMALL]
     cfg = load_config("quickstart", overrides)
-    run_stage(cfg.run_dir, "data", data_key(cfg), lambda out: synthetic_split(out, n_users=24))
-    instructions_stage(cfg, progress=False)
+    build_cached(RunFolder.of(cfg).data.path, cache_key(cfg, "data"), lambda out: synthetic_split(out, n_users=24))
+    run_stage(cfg, "instructions", progress=False)
     return cfg, overrides
 
 
@@ -118,10 +120,10 @@ def tiny_model():
 
 def test_generate_without_eos_returns_exactly_n_tokens_per_prompt(tiny_model):
     prompts = [[5, 9, 13], [7] * 11, [2, 4]]  # two batches, one padded
-    got = scorers.generate(tiny_model, prompts, max_tokens=5, eos=None, batch_size=2, progress=False)
+    got = decode.generate(tiny_model, prompts, max_tokens=5, eos=None, batch_size=2, progress=False)
     assert [len(g) for g in got] == [5, 5, 5]
     stop = got[0][2]  # with it as EOS, prompt 0 stops before it (and any other prompt at its first)
-    stopped = scorers.generate(tiny_model, prompts, max_tokens=5, eos=stop, batch_size=2, progress=False)
+    stopped = decode.generate(tiny_model, prompts, max_tokens=5, eos=stop, batch_size=2, progress=False)
     for full, short in zip(got, stopped):
         assert short == (full[: full.index(stop)] if stop in full else full)
     assert len(stopped[0]) <= 2
@@ -145,5 +147,5 @@ def test_torch_side_runs_the_jax_weights(tie, scan):
     prompts = [[5, 9, 13], [7] * 11, [2, 4]]
     out = torch_generate(hf, "cpu", prompts, 4, None, 0, 2)
     assert [len(o) for o in out] == [4, 4, 4]
-    jax_out = scorers.generate(model, prompts, max_tokens=4, eos=None, batch_size=2, progress=False)
+    jax_out = decode.generate(model, prompts, max_tokens=4, eos=None, batch_size=2, progress=False)
     assert out == jax_out  # greedy on the same weights (float32): the same tokens

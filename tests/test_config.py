@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from recranker_jax.cli import main
@@ -73,7 +75,8 @@ def test_fingerprint_tracks_content():
 
 def test_string_overrides_are_taken_verbatim_other_types_parsed():
     cfg = load_config(None, ["prompts.templates.pairwise_question=Prefer {first} over {second}? {hint}Answer:",
-                             "run.name=007", "prompts.tokenizer=null", "prompts.tasks=[pointwise, listwise]"])
+                             "run.name=007", "prompts.tokenizer=null", "prompts.tasks=[pointwise, listwise]",
+                             "rank.methods=[pointwise, listwise, hybrid]"])  # a consistent config (validated)
     assert cfg.prompts.templates.pairwise_question == "Prefer {first} over {second}? {hint}Answer:"
     assert cfg.run.name == "007"  # a string field keeps the text, leading zeros included
     assert cfg.prompts.tokenizer is None
@@ -87,3 +90,35 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
     assert cfg.retrieval.lr == 1e-3 and cfg.train.lr == 2e-4
     with pytest.raises(RecRankerError, match="config key train.lr: expected float, got 'fast'"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_every_section_is_checked_when_a_config_loads(tmp_path, capsys):
+    """Range and cross-section mistakes fail at load, naming the key, before any stage runs."""
+    for override, message in (("retrieval.backbone=explicit_mf", "retrieval.backbone='explicit_mf'"),
+                              ("sampling.fraction=0", "sampling.fraction: expected a number in (0, 1]"),
+                              ("prompts.listwise_liked=20", "prompts.listwise_liked=20: expected fewer than"),
+                              ("train.lora.enabled=true", None), ("train.lora.rank=0", None),
+                              ("rank.ks=[3, 20]", "rank.ks=[3, 20]: expected cut-offs between 1 and retrieval.candidates=10"),
+                              ("mesh.shape=[2, 2]", "mesh.shape=[2, 2] and mesh.axes=['data', 'fsdp', 'tensor']"),
+                              ("data.source=ml-10m", "unknown data.source 'ml-10m'")):
+        if message is None:  # valid on its own
+            load_config(None, [override])
+            continue
+        with pytest.raises(RecRankerError, match=re.escape(message)):
+            load_config(None, [override])
+        assert main(["data", "split", f"run.root={tmp_path}", override]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(RecRankerError, match="LoRA rank=0: expected an integer >= 1"):
+        load_config(None, ["train.lora.enabled=true", "train.lora.rank=0"])
+    assert not (tmp_path / "quickstart").exists()  # nothing ran
+
+
+def test_the_batch_must_split_over_the_mesh_batch_shards():
+    from recranker_jax.config_checks import check_batch, resolve_mesh_shape
+
+    rules = {"batch": ["data", "fsdp"]}
+    sizes = dict(zip(("data", "fsdp", "tensor"), resolve_mesh_shape([2, -1, 1], 8)))
+    check_batch("train.batch_size", 8, rules, sizes)  # 2 x 4 shards
+    with pytest.raises(RecRankerError, match=r"train.batch_size=12 must be a multiple of the 8 batch shards of the "
+                                             r"mesh \(data=2, fsdp=4, tensor=1\)"):
+        check_batch("train.batch_size", 12, rules, sizes)

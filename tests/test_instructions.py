@@ -169,11 +169,12 @@ def test_ablation_switches_change_the_output(synthetic_run):
 def test_history_budget_drops_the_oldest_items_and_counts_it(synthetic_run):
     from transformers import PreTrainedTokenizerFast
 
-    stats, records = build(synthetic_run, "budget", "prompts.max_tokens=120", "prompts.tasks=[pointwise]")
+    stats, records = build(synthetic_run, "budget", "prompts.max_tokens=120", "prompts.tasks=[pointwise]",
+                           "rank.methods=[pointwise]")
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(synthetic_run / "budget" / "tokenizer" / "tokenizer.json"))
     truncated = [r for r in records if r["dropped_history"] > 0]
     assert stats["truncated_history"]["train"]["pointwise"] == len(truncated) > 0
-    _, full = build(synthetic_run, "budget-free", "prompts.tasks=[pointwise]")
+    _, full = build(synthetic_run, "budget-free", "prompts.tasks=[pointwise]", "rank.methods=[pointwise]")
     for short, long in zip(records, full):
         assert short["response"] == long["response"]
         length = len(tokenizer(short["prompt"] + " " + short["response"])["input_ids"])

@@ -87,7 +87,8 @@ def test_check_mesh_fits_resolves_the_mesh_and_the_batch(capsys):
         "ok: mesh (2, 4, 1) over (data, fsdp, tensor) on 8 devices")
     with pytest.raises(RecRankerError, match=r"^mesh.shape=\[4, 4, 1\] needs 16 devices, but 8 are available$"):
         check_mesh_fits("quickstart", ["mesh.shape=[4,4,1]"], 8)
-    with pytest.raises(RecRankerError, match=r"^train.batch_size=4 must be a multiple of the 8 batch shards of mesh \(8, 1, 1\)"):
+    with pytest.raises(RecRankerError, match=r"^train.batch_size=4 must be a multiple of the 8 batch shards of the mesh "
+                                             r"\(data=8, fsdp=1, tensor=1\)"):
         check_mesh_fits("quickstart", [], 8)
     with pytest.raises(RecRankerError, match=r"^--devices 0: expected a positive number"):
         check_mesh_fits("quickstart", [], 0)

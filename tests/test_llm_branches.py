@@ -1,6 +1,6 @@
-"""Llama.extend_branches (continuations of any lengths, packed one after another, reading a
-shared cache in place) against extend on per-continuation copies of the cache, and
-KVCache.commit against the copy's own cache."""
+"""Llama.extend_branches (continuations of any lengths, packed one after another by
+decode.pack_branches, reading a shared cache in place) against extend on per-continuation
+copies of the cache, and KVCache.commit against the copy's own cache."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from recranker_jax.llm import decode
 from recranker_jax.llm.llama import KVCache, Llama, LlamaConfig
 
 
@@ -31,22 +32,15 @@ def test_branches_equal_continuations_of_copied_caches(scan_layers):
     tokens = rng.integers(1, 61, (users, branches, width)).astype(np.int32)
     valid = np.arange(width)[None, None] < lengths[..., None]
     positions = np.broadcast_to(np.array([7, 9])[:, None, None] + np.arange(width), (users, branches, width)).astype(np.int32)
-    packed_width = 12
-    packed = {name: np.full((users, packed_width), fill, np.int32) for name, fill in (("tokens", 0), ("ids", -1), ("positions", 0))}
-    offsets = np.zeros((users, branches), np.int32)
-    for u in range(users):
-        at = 0
-        for b in range(branches):
-            n = lengths[u, b]
-            offsets[u, b] = at
-            packed["tokens"][u, at : at + n] = tokens[u, b, :n]
-            packed["ids"][u, at : at + n] = b
-            packed["positions"][u, at : at + n] = positions[u, b, :n]
-            at += n
+    packed = decode.pack_branches([[tokens[u, b, : lengths[u, b]].tolist() for b in range(branches)]
+                                   for u in range(users)], width=12, batch=users, slots=branches)
+    offsets = packed["offsets"]
+    assert (packed["lengths"] == lengths).all()
+    packed_positions = np.array([[7], [9]]) + packed["within"]  # each row's prefix length, then the branch
 
     logits, own = model.extend_branches(
-        jnp.asarray(packed["tokens"]), cache, jnp.asarray(packed["positions"]), jnp.asarray(cache_valid),
-        jnp.asarray(packed["ids"]))
+        jnp.asarray(packed["tokens"]), cache, jnp.asarray(packed_positions), jnp.asarray(cache_valid),
+        jnp.asarray(packed["branch_ids"]))
     logits = np.asarray(logits)
 
     rows = np.repeat(np.arange(users), branches)

@@ -67,7 +67,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
 
 
 def test_greedy_generation_with_the_kv_cache_matches_transformers(tmp_path):
-    from recranker_jax.llm.llama import greedy_generate
+    from recranker_jax.llm.decode import greedy_generate
 
     reference = save_tiny_llama(tmp_path, seed=3)
     model = load_hf_llama(tmp_path)

@@ -192,11 +192,13 @@ def test_launcher_runs_finetune_on_two_processes_like_one(tmp_path):
     from safetensors.numpy import load_file
 
     from recranker_jax.config import load_config
-    from recranker_jax.pipeline import data_key, finetune_stage, run_stage
+    from recranker_jax.pipeline import build_cached, cache_key
+    from recranker_jax.pipeline import run as run_stage
+    from recranker_jax.run import RunFolder
     from tests.helpers import synthetic_split
 
     multi = load_config("quickstart", [f"run.root={tmp_path / 'multi'}", *FINETUNE])
-    run_stage(multi.run_dir, "data", data_key(multi), lambda out: synthetic_split(out))  # a cached data stage
+    build_cached(RunFolder.of(multi).data.path, cache_key(multi, "data"), lambda out: synthetic_split(out))  # cached data
     recranker = Path(sys.executable).with_name("recranker")
     command = [str(recranker)] if recranker.exists() else [sys.executable, "-m", "recranker_jax.cli"]
     env = {k: v for k, v in process_env(0, 0).items() if not k.startswith("RECRANKER_")}
@@ -226,7 +228,7 @@ def test_launcher_runs_finetune_on_two_processes_like_one(tmp_path):
     single = load_config("quickstart", [f"run.root={tmp_path / 'single'}", *FINETUNE])
     for stage in ("data", "retrieval", "instructions"):
         shutil.copytree(run / stage, single.run_dir / stage)
-    out, cached = finetune_stage(single, progress=False)
+    out, cached = run_stage(single, "finetune", progress=False)
     assert not cached
     want = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 3

@@ -6,7 +6,8 @@ from jax.sharding import PartitionSpec
 
 from recranker_jax.config import MeshConfig
 from recranker_jax.errors import RecRankerError
-from recranker_jax.parallel import axis_size, logical_sharding, logical_spec, make_mesh, resolve_mesh_shape
+from recranker_jax.config_checks import resolve_mesh_shape
+from recranker_jax.parallel import axis_size, logical_sharding, logical_spec, make_mesh
 
 RULES = MeshConfig().rules
 

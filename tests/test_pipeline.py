@@ -4,7 +4,7 @@ import pytest
 
 from recranker_jax.cli import main
 from recranker_jax.errors import RecRankerError
-from recranker_jax.pipeline import run_stage, stage_key
+from recranker_jax.pipeline import build_cached, finished_key
 
 
 def test_stage_is_cached_by_key_and_rebuilt_when_key_changes(tmp_path):
@@ -14,26 +14,26 @@ def test_stage_is_cached_by_key_and_rebuilt_when_key_changes(tmp_path):
         calls.append(out.name)
         (out / "value.txt").write_text(str(len(calls)))
 
-    out, cached = run_stage(tmp_path, "s", "k1", build)
+    out, cached = build_cached(tmp_path / "s", "k1", build)
     assert not cached and (out / "value.txt").read_text() == "1"
-    _, cached = run_stage(tmp_path, "s", "k1", build)
+    _, cached = build_cached(tmp_path / "s", "k1", build)
     assert cached and len(calls) == 1
-    _, cached = run_stage(tmp_path, "s", "k2", build)
+    _, cached = build_cached(tmp_path / "s", "k2", build)
     assert not cached and (out / "value.txt").read_text() == "2"
-    assert stage_key(tmp_path, "s") == "k2"
+    assert finished_key(tmp_path / "s") == "k2"
 
 
 def test_failed_stage_leaves_previous_output_intact(tmp_path):
-    run_stage(tmp_path, "s", "k1", lambda out: (out / "value.txt").write_text("good"))
+    build_cached(tmp_path / "s", "k1", lambda out: (out / "value.txt").write_text("good"))
 
     def failing(out):
         (out / "value.txt").write_text("half-written")
         raise RecRankerError("boom")
 
     with pytest.raises(RecRankerError):
-        run_stage(tmp_path, "s", "k2", failing)
+        build_cached(tmp_path / "s", "k2", failing)
     assert (tmp_path / "s" / "value.txt").read_text() == "good"
-    assert stage_key(tmp_path, "s") == "k1"  # a later run with k1 is still a cache hit
+    assert finished_key(tmp_path / "s") == "k1"  # a later run with k1 is still a cache hit
 
 
 def test_bad_source_fails_without_touching_existing_split(tmp_path, capsys):
@@ -113,3 +113,31 @@ def test_a_filter_that_leaves_no_users_is_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: data.min_likes=100000 leaves no users") and err.count("\n") == 1
     assert not (tmp_path / "quickstart" / "data").exists()
+
+
+def test_a_stage_key_covers_its_sections_and_everything_upstream_but_not_how_the_model_runs():
+    from recranker_jax.config import load_config
+    from recranker_jax.pipeline import STAGES, cache_key
+
+    base = load_config("quickstart")
+    keys = {name: cache_key(base, name) for name in STAGES}
+    order = list(STAGES)
+    for override, first_changed in (("data.min_likes=5", "data"), ("retrieval.dim=32", "retrieval"),
+                                    ("prompts.hints=false", "instructions"), ("train.steps=7", "finetune"),
+                                    ("rank.alphas=[1,0,0]", "rank"), ("run.seed=3", "retrieval")):
+        changed = load_config("quickstart", [override])
+        moved = [name for name in STAGES if cache_key(changed, name) != keys[name]]
+        assert moved == order[order.index(first_changed):], override  # that stage and every one after it
+    for execution in ("model.scan_layers=true", "model.attention=xla", "train.remat=full"):
+        assert {name: cache_key(load_config("quickstart", [execution]), name) for name in STAGES} == keys, execution
+
+
+def test_the_cli_offers_every_stage_of_the_table():
+    from recranker_jax.cli import build_parser
+    from recranker_jax.pipeline import STAGES
+
+    parser = build_parser()
+    for name in STAGES:  # each parses as a command with the common options
+        args = parser.parse_args([name, "--config", "quickstart", "run.name=x"] if name != "data"
+                                 else ["data", "split", "--config", "quickstart"])
+        assert args.command == name and args.config == "quickstart"

@@ -188,7 +188,8 @@ def test_plan_errors_name_the_option():
     with pytest.raises(RecRankerError, match="train.batch_size=8 must be a multiple of the 16 batch shards"):
         plan_memory(cfg, 16, [1, 16, 1])
     with pytest.raises(RecRankerError, match="model.checkpoint=.*no config.json.*--arch llama2-7b"):
-        plan_memory(load_config(None, [*TINY, "model.checkpoint=/nonexistent/Llama-2-7b-hf"]), 8, [8, 1, 1])
+        plan_memory(load_config(None, [*TINY, "model.checkpoint=/nonexistent/Llama-2-7b-hf",
+                                       "prompts.tokenizer=/nonexistent/Llama-2-7b-hf"]), 8, [8, 1, 1])
     with pytest.raises(RecRankerError, match="--device-kind 'cpu': unknown chip"):
         plan_memory(cfg, 8, [8, 1, 1], device_kind="cpu")
 
@@ -197,7 +198,7 @@ def test_checkpoint_config_json_is_read_without_weights(tmp_path):
     hf = {"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False}
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    cfg = load_config(None, [f"model.checkpoint={tmp_path}", "train.batch_size=8"])
+    cfg = load_config(None, [f"model.checkpoint={tmp_path}", f"prompts.tokenizer={tmp_path}", "train.batch_size=8"])
     plan = plan_memory(cfg, 8, [8, 1, 1], device_memory_gb=1.0)
     assert plan["parameters"] == analytic_llama_parameters(50, 16, 24, 3, 4, 4)
     assert plan["architecture"]["source"].endswith("config.json")

@@ -1,4 +1,5 @@
-"""The prefix-cached scorers against plain full-sequence computations on a tiny random LLaMA."""
+"""The task scorers (on the KV-cache engine, llm/decode.py) against plain full-sequence
+computations on a tiny random LLaMA, and the parsing of generated text."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 from flax import nnx
 
 from recranker_jax.errors import RecRankerError
-from recranker_jax.llm.llama import Llama, LlamaConfig, greedy_generate
+from recranker_jax.llm.llama import Llama, LlamaConfig
 from recranker_jax.prompts.tokenizer import train_bpe
 from recranker_jax.rank import scorers
 
@@ -61,9 +62,10 @@ def test_prefix_cached_scores_equal_full_sequence_scores(tokenizer, model):
         groups.append(group)
         wanted.extend(full_logprobs(model, group.prefix + s + [7])[-1] for s in group.suffixes)
     # Two users per batch: the second batch is padded with an empty user row.
-    got = scorers.next_token_logprobs(model, groups, lead=[7], users_per_batch=2)
+    answers = scorers.AnswerTokens(lead=[7], choices=np.array([8], np.int32))
+    got = scorers.answer_logprobs(model, groups, answers, users_per_batch=2)
     assert len(got) == len(wanted) == 5 + 4 + 3
-    np.testing.assert_allclose(np.stack(got), np.stack(wanted), atol=2e-5)
+    np.testing.assert_allclose(got, np.stack(wanted), atol=2e-5)
 
 
 def test_expected_rating_and_pairwise_preference_from_answer_tokens(tokenizer):
@@ -135,14 +137,6 @@ def test_a_user_with_fewer_candidates_than_places_ranks_them_all_and_nothing_mor
     assert positions[1, 2:].tolist() == [0, 0, 0]
     order = [int(np.flatnonzero(positions[1] == p)[0]) for p in (1, 2)]
     assert order == reference_listwise(model, contexts[1], pieces[1], 2)
-
-
-def test_batched_generation_equals_one_prompt_at_a_time(model):
-    prompts = [[5, 9, 13, 2, 7], [3, 4], [8, 8, 8, 1, 2, 3, 4, 6, 9]]
-    got = scorers.generate(model, prompts, max_tokens=6, eos=-1, batch_size=2)
-    for prompt, tokens in zip(prompts, got):
-        want = np.asarray(greedy_generate(model, jnp.asarray(prompt)[None], 6))[0].tolist()
-        assert tokens == want
 
 
 @pytest.mark.parametrize(("text", "rating"), [(" 4", 4.0), ("4 stars", 4.0), (" seven", None), (" 9", None), ("", None)])

@@ -7,7 +7,7 @@ from recranker_jax.data.sources import load_movielens_small
 from recranker_jax.data.split import load_split, split_interactions, write_split
 from recranker_jax.data.table import build_interactions
 from recranker_jax.errors import RecRankerError
-from recranker_jax.pipeline import data_stage
+from recranker_jax.pipeline import run
 
 
 def tiny_interactions():
@@ -73,7 +73,7 @@ def test_missing_title_gets_readable_fallback():
 def small_split(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     cfg = load_config("quickstart", [f"run.root={root}"])
-    out, cached = data_stage(cfg)
+    out, cached = run(cfg, "data")
     assert not cached
     return cfg, out
 
@@ -112,11 +112,11 @@ def test_embedded_movielens_numbers_and_split_properties(small_split):
 def test_same_config_gives_byte_identical_files_and_stage_is_cached(small_split, tmp_path):
     cfg, out = small_split
     again = load_config("quickstart", [f"run.root={tmp_path}"])
-    out2, cached = data_stage(again)
+    out2, cached = run(again, "data")
     assert not cached
     for name in ("train.csv", "valid.csv", "test.csv", "items.csv", "meta.json"):
         assert (out / name).read_bytes() == (out2 / name).read_bytes(), name
-    _, cached = data_stage(again)
+    _, cached = run(again, "data")
     assert cached
 
 

@@ -9,9 +9,9 @@ from flax import nnx
 from recranker_jax.config import MeshConfig
 from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.llama import Llama, LlamaConfig
-from recranker_jax.parallel import make_mesh
+from recranker_jax.parallel import make_mesh, place_batch
 from recranker_jax.train.packing import pack
-from recranker_jax.train.step import answer_loss, make_optimizer, place_batch, shard_model, train_step
+from recranker_jax.train.step import answer_loss, make_optimizer, shard_model, train_step
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
@@ -93,6 +93,29 @@ def test_sharded_training_matches_one_device(shape):
     kernel = model.layers.mlp.gate_proj.kernel.get_value()  # scanned layers: [layers, embed, mlp]
     assert len({s.data.shape for s in kernel.addressable_shards}) == 1
     assert kernel.addressable_shards[0].data.shape == (CFG.num_hidden_layers, 32 // shape[1], 64 // shape[2])
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 simulated devices (tests/conftest.py)")
+def test_a_weight_whose_module_has_no_logical_axes_is_an_error():
+    """A new projection not named in WEIGHT_AXES would be replicated whole on every device; LoRA
+    adapters, norm weights and random-stream state are replicated on purpose, without error."""
+    from recranker_jax.llm.lora import apply_lora
+
+    mesh, rules = make_mesh(MeshConfig(shape=[1, 4, 2])), MeshConfig().rules
+    for scan_layers in (True, False):
+        model = Llama(CFG, nnx.Rngs(0), scan_layers=scan_layers)
+        apply_lora(model, ["q", "v"], 4, 8.0, 0.1, nnx.Rngs(1))  # dropout 0.1: adapters with a random stream
+        shard_model(model, mesh, rules)
+        layer = model.layers if scan_layers else model.layers[0]
+        for variable in (layer.self_attn.q_proj.lora_a, layer.self_attn.q_proj.lora_b, layer.input_layernorm.weight,
+                         model.norm.weight, layer.self_attn.q_proj.dropout.rngs.key,
+                         layer.self_attn.q_proj.dropout.rngs.count):
+            assert variable.get_value().sharding.is_fully_replicated
+        assert not layer.mlp.gate_proj.kernel.get_value().sharding.is_fully_replicated
+
+        layer.mlp.extra_proj = nnx.Linear(CFG.hidden_size, CFG.hidden_size, rngs=nnx.Rngs(2))
+        with pytest.raises(RecRankerError, match=r"^layers/(0/)?mlp/extra_proj/kernel: .*WEIGHT_AXES"):
+            shard_model(model, mesh, rules)
 
 
 def fresh():

@@ -26,7 +26,7 @@ PARTS = ("retrieval", "train", "rank")
 def bench_all(cfg: Config, parts: Sequence[str] = PARTS, train_preset: str = "auto", repeats: int = 3) -> dict:
     import importlib.util
 
-    from recranker_jax.bench.hardware import environment
+    from recranker_jax.hardware import environment
 
     torch = importlib.util.find_spec("torch") is not None  # the PyTorch references only where installed
     unknown = [p for p in parts if p not in PARTS]

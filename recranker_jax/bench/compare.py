@@ -4,7 +4,7 @@ metric also as a ratio to the first file.
 The result file schema (what `recranker bench all` writes; one file per machine and run):
 
     {
-      "environment": {...},          # bench.hardware.environment(): device_kind, device_count,
+      "environment": {...},          # hardware.environment(): device_kind, device_count,
                                      # process_count, platform, jax, jaxlib, flax, python, ...
       "results": {                   # benchmark name -> its metrics
         "<benchmark>": {"<metric>": <number>, ...},

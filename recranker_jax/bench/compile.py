@@ -51,7 +51,7 @@ def abstract_step_inputs(problem: dict, scan_layers: bool):
 
 def bench_compile(cfg: Config, preset: str = "7b-lora", scan_layers: bool = True, layers: int | None = None,
                   remat: str | None = None) -> dict:
-    from recranker_jax.bench.hardware import environment
+    from recranker_jax.hardware import environment
     from recranker_jax.bench.train import problem_from_config
     from recranker_jax.llm.remat import resolve
     from recranker_jax.train.step import jitted_train_step

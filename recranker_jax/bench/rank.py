@@ -76,11 +76,11 @@ def check_arguments(users: int, repeats: int, preset: str, layers: int | None) -
 def run_stages(cfg: Config, preset: str):
     """The stages the preset needs (run: up to finetune; random weights: up to instructions);
     returns the finetune folder, or None."""
-    from recranker_jax.pipeline import finetune_stage, instructions_stage
+    from recranker_jax.pipeline import run
 
     if preset == "run":
-        return finetune_stage(cfg)[0]
-    instructions_stage(cfg)
+        return run(cfg, "finetune")[0]
+    run(cfg, "instructions")
     return None
 
 
@@ -121,10 +121,11 @@ def build_ranker(cfg: Config, preset: str, layers: int | None, data, finetune_di
     from flax import nnx
 
     from recranker_jax.prompts.tokenizer import load_tokenizer
-    from recranker_jax.rank.stage import load_ranker
+    from recranker_jax.rank.ranker import load_ranker
+    from recranker_jax.run import RunFolder
     from recranker_jax.train.stage import tokenizer_folder
 
-    instructions_dir = cfg.run_dir / "instructions"
+    instructions_dir = RunFolder.of(cfg).instructions.path
     started = time.perf_counter()
     if preset == "run":
         ranker = load_ranker(cfg, data, instructions_dir, finetune_dir)
@@ -329,17 +330,17 @@ def rank_results(timings: dict, torch_seconds: dict | None, items: int) -> dict[
 
 def bench_rank(cfg: Config, users: int = 32, repeats: int = 1, preset: str = "run", layers: int | None = None,
                compare_torch: bool = True) -> dict:
-    from recranker_jax.bench.hardware import environment
+    from recranker_jax.hardware import environment
     from recranker_jax.data.split import load_split
-    from recranker_jax.prompts.stage import read_candidates
+    from recranker_jax.run import RunFolder, read_candidates
     from recranker_jax.rank.stage import read_prompts
 
     check_arguments(users, repeats, preset, layers)
     finetune_dir = run_stages(cfg, preset)
-    run_dir = cfg.run_dir
-    data = load_split(run_dir / "data")
-    candidates = read_candidates(run_dir / "retrieval" / "candidates.csv", data)
-    prompts = read_prompts(run_dir / "instructions" / "test.jsonl", data, candidates)
+    run = RunFolder.of(cfg)
+    data = load_split(run.data.path)
+    candidates = read_candidates(run.retrieval.candidates("test"), data)
+    prompts = read_prompts(run.instructions.prompts("test"), data, candidates)
     chosen = sorted(set.intersection(*(set(prompts[t]) for t in prompts)))[:users]
     items = sum(len(candidates[u]) for u in chosen)
     with counting_compilations() as compiled:
@@ -353,7 +354,7 @@ def bench_rank(cfg: Config, users: int = 32, repeats: int = 1, preset: str = "ru
                    xla_compile_seconds=compiled["seconds"])
     return {
         "environment": environment(),
-        "settings": {"run": str(run_dir), "preset": preset, "users": len(chosen), "items": items, "tasks": sorted(prompts),
+        "settings": {"run": str(run.path), "preset": preset, "users": len(chosen), "items": items, "tasks": sorted(prompts),
                      "repeats": repeats, "batch_size": cfg.rank.batch_size, "generate_batch_size": ranker.batch * 4,
                      "generate_tokens": {t: ranker.generate_tokens[t] for t in sorted(prompts)},
                      "generate_stops_at_eos": ranker.eos is not None, "dtype": model["dtype"], "model": model,

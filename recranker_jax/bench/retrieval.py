@@ -19,6 +19,7 @@ from pathlib import Path
 
 from recranker_jax.config import Config, RetrievalConfig
 from recranker_jax.errors import RecRankerError
+from recranker_jax.run import DataFolder, read_json
 
 VARIANTS = ("jax-dense", "jax-edges", "torch-sparse")
 RANK_K = 20
@@ -109,10 +110,10 @@ def _variant_main(argv: list[str]) -> None:
 
 def bench_retrieval(cfg: Config, repeats: int = 3, variants: tuple[str, ...] = VARIANTS) -> dict:
     """Run every variant in a subprocess on the config's split; returns the results document."""
-    from recranker_jax.pipeline import data_stage
+    from recranker_jax.pipeline import run
 
-    data_dir, _ = data_stage(cfg)
-    meta = json.loads((data_dir / "meta.json").read_text())
+    data_dir, _ = run(cfg, "data")
+    meta = read_json(DataFolder(data_dir).meta)
     cfg_json = json.dumps(dataclasses.asdict(cfg.retrieval))
     results = {}
     for variant in variants:
@@ -123,7 +124,7 @@ def bench_retrieval(cfg: Config, repeats: int = 3, variants: tuple[str, ...] = V
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise RecRankerError(f"bench retrieval: variant {variant} failed: {last}")
         results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
-    from recranker_jax.bench.hardware import environment
+    from recranker_jax.hardware import environment
 
     return {
         "benchmark": "retrieval",

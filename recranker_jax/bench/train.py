@@ -80,6 +80,7 @@ from pathlib import Path
 
 from recranker_jax.config import Config
 from recranker_jax.errors import RecRankerError
+from recranker_jax.hardware import mfu
 
 SIDES = ("jax", "torch")
 TORCH_ATTENTION = "sdpa"
@@ -280,7 +281,8 @@ def jax_side(problem: dict, weights_dir: Path | None = None):
     from flax import nnx
 
     from recranker_jax.train.packing import answer_capacity, batch_arrays
-    from recranker_jax.train.step import make_optimizer, place_batch, train_step
+    from recranker_jax.parallel import place_batch
+    from recranker_jax.train.step import make_optimizer, train_step
 
     model = build_model(problem)
     if weights_dir is not None:
@@ -361,11 +363,7 @@ def _jax_info(problem: dict, model) -> dict:
     import jax
     from flax import nnx
 
-    from recranker_jax.bench.hardware import (
-        environment,
-        llama_flops_per_token,
-        peak_flops,
-    )
+    from recranker_jax.hardware import environment, llama_flops_per_token, peak_flops
 
     device = jax.devices()[0]
     lora_parameters = int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
@@ -568,7 +566,7 @@ def _summary(raw: dict, tokens: int, flops_per_token: float, peak_flops: float |
             "step_cpu_seconds": statistics.median(raw["cpu_seconds"]),
             "peak_rss_mb": raw["memory"]["peak_rss_mb"],
             "peak_device_memory_mb": raw["memory"]["peak_device_memory_mb"],
-            "mfu": tokens / seconds * flops_per_token / peak_flops if peak_flops else None,
+            "mfu": mfu(tokens / seconds, flops_per_token, peak_flops) if peak_flops else None,
             "first_step_seconds": raw["setup"]["first_step_seconds"], "setup_seconds": raw["setup"]["setup_seconds"],
             "first_loss": raw["setup"]["first_loss"], "last_loss": raw["losses"][-1], "remat": raw["setup"]["remat"]}
 

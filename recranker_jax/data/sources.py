@@ -9,11 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from recranker_jax.config import DataConfig
+from recranker_jax.config_checks import check_data
 from recranker_jax.data.table import Interactions, build_interactions
 from recranker_jax.errors import RecRankerError
-
-FILE_SOURCES = ("ml-100k", "ml-1m", "bookcrossing")
-SOURCES = ("movielens-small", *FILE_SOURCES, "tfds:<name>")
 
 
 def load_movielens_small() -> Interactions:
@@ -44,7 +42,8 @@ def _require_path(cfg: DataConfig) -> Path:
 
 
 def load_source(cfg: DataConfig) -> Interactions:
-    """Load the ratings named by `cfg.source` (see SOURCES)."""
+    """Load the ratings named by `cfg.source` (`config_checks.SOURCES`)."""
+    check_data(cfg)
     source = cfg.source
     if source == "movielens-small":
         return load_movielens_small()
@@ -57,11 +56,9 @@ def load_source(cfg: DataConfig) -> Interactions:
         from recranker_jax.data.bookcrossing import load_bookcrossing
 
         return load_bookcrossing(_require_path(cfg), cfg.on_bad_lines)
-    if source.startswith("tfds:"):
-        from recranker_jax.data.tfds_source import load_tfds
+    from recranker_jax.data.tfds_source import load_tfds  # check_data: the only other sources are tfds:<name>
 
-        return load_tfds(source.removeprefix("tfds:"), cfg.path, cfg.on_bad_lines)
-    raise RecRankerError(f"unknown data.source {source!r}; expected one of: {', '.join(SOURCES)}")
+    return load_tfds(source.removeprefix("tfds:"), cfg.path, cfg.on_bad_lines)
 
 
 def default_thresholds(scale: tuple[float, float]) -> tuple[float, float]:

@@ -11,7 +11,6 @@ with contiguous indices for the later stages.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,8 @@ import pandas as pd
 
 from recranker_jax.data.table import Interactions
 from recranker_jax.errors import RecRankerError
+from recranker_jax.run import DataFolder, read_json, write_json
 
-SPLIT_FILES = ("train.csv", "valid.csv", "test.csv", "items.csv")
 RATING_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 
 
@@ -124,15 +123,26 @@ def _with_raw_ids(frame: pd.DataFrame, interactions: Interactions, has_timestamp
 def write_split(split: Split, out_dir: Path) -> dict[str, object]:
     """Write train/valid/test/items CSVs (raw ids) and meta.json; returns the stats."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    folder = DataFolder(out_dir)
     has_time = split.interactions.has_timestamps
     for name, frame in (("train", split.train), ("valid", split.valid), ("test", split.test)):
         _with_raw_ids(frame, split.interactions, has_time).to_csv(
-            out_dir / f"{name}.csv", index=False, lineterminator="\n"
+            folder.csv(name), index=False, lineterminator="\n"
         )
-    split.interactions.items.to_csv(out_dir / "items.csv", index=False, lineterminator="\n")
+    split.interactions.items.to_csv(folder.csv("items"), index=False, lineterminator="\n")
     stats = split.stats()
-    (out_dir / "meta.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_json(folder.meta, stats)
     return stats
+
+
+def format_stats(stats: dict) -> str:
+    """meta.json's statistics as aligned `key  value` lines (and a note on file order)."""
+    width = max(len(k) for k in stats)
+    lines = [f"{key:<{width}}  {f'{value:.6f}' if isinstance(value, float) and key == 'density' else value}"
+             for key, value in stats.items()]
+    if not stats.get("has_timestamps", True):
+        lines.append("note: this source has no timestamps; interactions are ordered by file order")
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,14 +193,12 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
 def load_split(data_dir: Path) -> SplitData:
     """Read a split folder written by `write_split` (or by hand in the same format)."""
     data_dir = Path(data_dir)
-    items = _read_csv(data_dir / "items.csv", ["item_id", "title"])
-    train = _read_csv(data_dir / "train.csv", RATING_COLUMNS)
-    valid = _read_csv(data_dir / "valid.csv", RATING_COLUMNS)
-    test = _read_csv(data_dir / "test.csv", RATING_COLUMNS)
-    meta_path = data_dir / "meta.json"
-    if not meta_path.is_file():
-        raise RecRankerError(f"{meta_path} not found: run `recranker data split` (or the pipeline) first")
-    meta = json.loads(meta_path.read_text())
+    folder = DataFolder(data_dir)
+    items = _read_csv(folder.csv("items"), ["item_id", "title"])
+    train = _read_csv(folder.csv("train"), RATING_COLUMNS)
+    valid = _read_csv(folder.csv("valid"), RATING_COLUMNS)
+    test = _read_csv(folder.csv("test"), RATING_COLUMNS)
+    meta = read_json(folder.meta, "run `recranker data split` (or the pipeline) first")
     user_index = pd.Index(test["user_id"])
     item_index = pd.Index(items["item_id"])
 

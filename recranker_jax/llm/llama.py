@@ -28,7 +28,8 @@ from recranker_jax.llm import remat as remat_policies
 from recranker_jax.llm.attention import branch_attention, causal_attention, masked_attention
 
 
-# Logical axes of each weight, by the name of the module holding it (norms and adapters: replicated).
+# Logical axes of each weight, by the name of the module holding it. Every kernel and embedding
+# must be named here (`weight_axes` raises otherwise); norms and adapters are replicated.
 WEIGHT_AXES = {
     "embed_tokens": ("vocab", "embed"),
     "q_proj": ("embed", "heads"),
@@ -43,14 +44,20 @@ WEIGHT_AXES = {
 
 
 def weight_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the parameter at `path` (replicated when unknown, e.g. norms, adapters).
-    Scanned layers' variables (a "layers" path without a layer number) lead with "layers"."""
+    """Logical axes of the parameter at `path`: a kernel or embedding takes its module's entry in
+    `WEIGHT_AXES` (a RecRankerError when the module is not named there, rather than a weight
+    silently replicated on every device); norm weights, LoRA adapters and random-stream state
+    are replicated. Scanned layers' variables (a "layers" path without a layer number) lead
+    with "layers"."""
     lead = ("layers",) if "layers" in path and not any(isinstance(p, int) for p in path) else ()
-    for part in reversed(path):
-        if (isinstance(part, str) and part in WEIGHT_AXES and ndim == 2 + len(lead)
-                and path[-1] in ("kernel", "embedding")):
-            return lead + WEIGHT_AXES[part]
-    return lead + (None,) * (ndim - len(lead))
+    replicated = lead + (None,) * (ndim - len(lead))
+    if not path or path[-1] not in ("kernel", "embedding"):
+        return replicated
+    module = next((part for part in reversed(path) if isinstance(part, str) and part in WEIGHT_AXES), None)
+    if module is None:
+        raise RecRankerError(f"{'/'.join(map(str, path))}: no logical axes for this weight; add its module to "
+                             "WEIGHT_AXES in recranker_jax/llm/llama.py")
+    return lead + WEIGHT_AXES[module] if ndim == 2 + len(lead) else replicated
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -402,20 +409,3 @@ class KVCache:
             picked = jnp.take_along_axis(own, index[None, :, :, None, None], axis=2)  # [L, U, W, KV, D]
             return jax.lax.dynamic_update_slice(cached, picked.astype(cached.dtype), (0, 0, start, 0, 0))
         return jax.tree.map(write, self, branches)
-
-
-@nnx.jit
-def _extend(model: Llama, tokens: jax.Array, cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
-    return model.extend(tokens, cache, start)
-
-
-def greedy_generate(model: Llama, prompt: jax.Array, steps: int) -> jax.Array:
-    """Greedy continuation [B, steps] of prompt [B, T], one jitted cached step per token."""
-    batch, length = prompt.shape
-    cache = KVCache.zeros(model.config, batch, length + steps, model.dtype)
-    logits, cache = _extend(model, prompt, cache, jnp.asarray(0))
-    generated = [jnp.argmax(logits[:, -1], axis=-1)]
-    for step in range(1, steps):
-        logits, cache = _extend(model, generated[-1][:, None], cache, jnp.asarray(length + step - 1))
-        generated.append(jnp.argmax(logits[:, -1], axis=-1))
-    return jnp.stack(generated, axis=1)

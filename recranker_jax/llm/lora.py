@@ -35,11 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recranker_jax.config_checks import ATTENTION_PROJECTIONS, check_lora, normalise_targets
 from recranker_jax.errors import RecRankerError
+from recranker_jax.parallel import is_primary, to_host
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-VALID_TARGETS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 # PEFT's default LoRA A init, kaiming_uniform_(a=sqrt(5)) on torch's [r, in]
 # weight: bound = sqrt(6 / ((1 + 5) * in)) = 1 / sqrt(in); the same as
@@ -94,32 +93,6 @@ def _dropout(rate: float, rngs: nnx.Rngs, layers: int | None) -> nnx.Dropout:
     return create(rngs)
 
 
-def normalise_targets(targets: Sequence[str]) -> tuple[str, ...]:
-    """'q' or 'q_proj' -> 'q_proj', in the given order without repeats; RecRankerError for unknown names."""
-    if isinstance(targets, str):
-        targets = [targets]
-    names = []
-    for target in targets:
-        name = target if str(target).endswith("_proj") else f"{target}_proj"
-        if name not in VALID_TARGETS:
-            valid = ", ".join(n.removesuffix("_proj") for n in VALID_TARGETS)
-            raise RecRankerError(f"unknown LoRA target {target!r}; expected some of {valid} (or their *_proj names)")
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise RecRankerError("LoRA targets are empty; expected some of q, k, v, o, gate, up, down")
-    return tuple(names)
-
-
-def _check_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise RecRankerError(f"LoRA rank={rank!r}: expected an integer >= 1")
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise RecRankerError(f"LoRA alpha={alpha!r}: expected a positive number")
-    if not 0.0 <= dropout < 1.0:
-        raise RecRankerError(f"LoRA dropout={dropout!r}: expected a rate in [0, 1)")
-
-
 def _parent(layer: nnx.Module, projection: str) -> nnx.Module:
     return layer.self_attn if projection in ATTENTION_PROJECTIONS else layer.mlp
 
@@ -136,7 +109,7 @@ def apply_lora(model, targets: Sequence[str], rank: int, alpha: float, dropout: 
     Layer i's A comes from the i-th of one split of keys per projection, so scanned and looped
     layers get the same adapters from the same seed."""
     projections = normalise_targets(targets)
-    _check_hyperparameters(rank, alpha, dropout)
+    check_lora(rank, alpha, dropout)
     blocks = _blocks(model)
     for name, block in blocks:
         for projection in projections:
@@ -194,12 +167,13 @@ def export_peft(model, folder: str | Path, base_model_name_or_path: str, targets
 
     The arguments must describe the adapters the model holds (checked): the
     config is what `peft` uses to rebuild the modules the weights load into.
-    Arrays must be addressable from this process (gather them first on multi-host runs).
+    With several processes every process must call it (adapters split across processes are
+    gathered); only the primary process writes the folder.
     """
     from safetensors.numpy import save_file
 
     projections = normalise_targets(targets)
-    _check_hyperparameters(rank, alpha, dropout)
+    check_lora(rank, alpha, dropout)
     modules = lora_modules(model)
     if not modules:
         raise RecRankerError("the model has no LoRA adapters to export; call apply_lora first")
@@ -212,8 +186,8 @@ def export_peft(model, folder: str | Path, base_model_name_or_path: str, targets
             raise RecRankerError(
                 f"{'.'.join(map(str, path))} has rank {module.rank}, alpha {module.alpha}; export asked for rank {rank}, alpha {alpha}"
             )
-        lora_a = np.asarray(jax.device_get(module.lora_a[...]), np.float32)
-        lora_b = np.asarray(jax.device_get(module.lora_b[...]), np.float32)
+        lora_a = to_host(module.lora_a[...]).astype(np.float32)
+        lora_b = to_host(module.lora_b[...]).astype(np.float32)
         # per layer, as PEFT names them: a stacked (scanned) adapter is split into its layers
         per_layer = [(path, lora_a, lora_b)] if lora_a.ndim == 2 else [
             (("layers", index, *path[1:]), lora_a[index], lora_b[index]) for index in range(lora_a.shape[0])]
@@ -242,7 +216,8 @@ def export_peft(model, folder: str | Path, base_model_name_or_path: str, targets
         "alpha_pattern": {},
     }
     folder = Path(folder).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if is_primary():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -1,5 +1,5 @@
-"""Text pieces of RecRanker prompts: quoted titles, ratings on the answer scale, and the
-templates with their placeholders checked.
+"""Text pieces of RecRanker prompts: quoted titles and ratings on the answer scale (the
+templates' placeholders are checked with the config, `config_checks.check_templates`).
 
 A prompt is a shared prefix (instruction + the user's history) and a suffix
 (question + hint + "Answer:"); the scorers run a user's prefix once.
@@ -8,45 +8,8 @@ A prompt is a shared prefix (instruction + the user's history) and a suffix
 from __future__ import annotations
 
 import dataclasses
-import string
 
 import numpy as np
-
-from recranker_jax.config import TemplatesConfig
-from recranker_jax.errors import RecRankerError
-
-REQUIRED = {
-    "pointwise_instruction": {"noun", "max_rating", "history"},
-    "pointwise_question": {"noun", "target", "max_rating", "hint"},
-    "pointwise_hint": {"rating"},
-    "pairwise_instruction": {"noun", "history", "disliked"},
-    "pairwise_question": {"first", "second", "hint"},
-    "pairwise_hint": {"preferred"},
-    "listwise_instruction": {"noun", "history", "disliked"},
-    "listwise_question": {"noun", "candidates", "hint"},
-    "listwise_hint": {"ranked"},
-}
-
-
-def check_templates(templates: TemplatesConfig) -> None:
-    """Every template must contain exactly the placeholders its task fills."""
-    for name, required in REQUIRED.items():
-        text = getattr(templates, name)
-        try:
-            fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
-        except ValueError as err:
-            raise RecRankerError(f"prompts.templates.{name}: not a valid format string ({err})") from None
-        missing, unknown = required - fields, fields - required
-        if missing:
-            raise RecRankerError(
-                f"prompts.templates.{name}: placeholder {{{sorted(missing)[0]}}} is missing; "
-                f"expected {', '.join('{' + f + '}' for f in sorted(required))}"
-            )
-        if unknown:
-            raise RecRankerError(
-                f"prompts.templates.{name}: unknown placeholder {{{sorted(unknown)[0]}}}; "
-                f"expected {', '.join('{' + f + '}' for f in sorted(required))}"
-            )
 
 
 def quote(title: str) -> str:

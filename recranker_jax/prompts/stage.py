@@ -10,57 +10,44 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from recranker_jax.config import Config
-from recranker_jax.data.split import SplitData, load_split
+from recranker_jax.data.split import load_split
 from recranker_jax.errors import RecRankerError
 from recranker_jax.prompts.build import HintModels, PromptBuilder, PromptParts
-from recranker_jax.prompts.render import check_templates
 from recranker_jax.prompts.tokenizer import count_tokens, load_tokenizer, train_bpe
+from recranker_jax.run import (
+    SPLITS,
+    InstructionsFolder,
+    RetrievalFolder,
+    read_candidates,
+    read_embeddings,
+    read_explicit_mf,
+    write_json,
+    write_jsonl,
+)
 from recranker_jax.sampling import sample_users
-
-TASKS = ("pointwise", "pairwise", "listwise")
 
 
 def load_hints(retrieval_dir: Path, backbone: str) -> tuple[HintModels, np.ndarray]:
     """Hint models from the retrieval stage's files, and the backbone's user embeddings."""
-    embeddings_path = retrieval_dir / backbone / "embeddings.npz"
-    if not embeddings_path.is_file():
-        raise RecRankerError(f"{embeddings_path} not found: run `recranker retrieval` first")
-    embeddings = np.load(embeddings_path)
-    users, items = embeddings["users"], embeddings["items"]
-    mf_path = retrieval_dir / "explicit_mf.npz"
-    mf = dict(np.load(mf_path)) if mf_path.is_file() else None
+    from recranker_jax.retrieval.models import explicit_mf_rating  # jax: imported only when used
+
+    folder = RetrievalFolder(retrieval_dir)
+    users, items = read_embeddings(folder.embeddings(backbone))
+    mf = read_explicit_mf(folder.explicit_mf)
 
     def predict_rating(user: int, item_indices: np.ndarray) -> np.ndarray:
-        return (mf["mean_rating"] + mf["user_bias"][user] + mf["item_bias"][item_indices]
-                + mf["item_factors"][item_indices] @ mf["user_factors"][user])
+        return explicit_mf_rating(mf["mean_rating"], mf["user_bias"][user], mf["item_bias"][item_indices],
+                                  mf["item_factors"][item_indices] @ mf["user_factors"][user])
 
     def backbone_score(user: int, item_indices: np.ndarray) -> np.ndarray:
         return items[item_indices] @ users[user]
 
     return HintModels(predict_rating, backbone_score), users
-
-
-def read_candidates(path: Path, data: SplitData) -> list[list[int]]:
-    """Per user (SplitData order), the candidate item indices in retrieval order."""
-    if not path.is_file():
-        raise RecRankerError(f"{path} not found: run `recranker retrieval` first")
-    frame = pd.read_csv(path, dtype={"user_id": str, "item_id": str})
-    users = pd.Index(data.user_ids.astype(str)).get_indexer(frame["user_id"])
-    items = pd.Index(data.items["item_id"].astype(str)).get_indexer(frame["item_id"])
-    if (users < 0).any() or (items < 0).any():
-        raise RecRankerError(f"{path}: user or item ids that are not in this run's split (a file from another run?)")
-    frame = frame.assign(user=users, item=items).sort_values(["user", "rank"], kind="stable")
-    lists: list[list[int]] = [[] for _ in range(data.n_users)]
-    for user, group in frame.groupby("user"):
-        lists[int(user)] = group["item"].tolist()
-    return lists
 
 
 def apply_budget(builder: PromptBuilder, parts: list[PromptParts], tokenizer, max_tokens: int) -> int:
@@ -102,29 +89,8 @@ def apply_budget(builder: PromptBuilder, parts: list[PromptParts], tokenizer, ma
     return still_over
 
 
-def check_config(cfg: Config) -> None:
-    prompts = cfg.prompts
-    unknown = [t for t in prompts.tasks if t not in TASKS]
-    if unknown or not prompts.tasks:
-        raise RecRankerError(f"prompts.tasks={prompts.tasks}: expected a non-empty subset of {', '.join(TASKS)}")
-    for key in ("history_items", "listwise_liked", "listwise_candidates", "pairs", "max_tokens", "tokenizer_vocab_size"):
-        if getattr(prompts, key) < 1:
-            raise RecRankerError(f"prompts.{key}={getattr(prompts, key)}: expected a positive integer")
-    if prompts.listwise_liked >= prompts.listwise_candidates:
-        raise RecRankerError(
-            f"prompts.listwise_liked={prompts.listwise_liked}: expected fewer than prompts.listwise_candidates={prompts.listwise_candidates}"
-        )
-    if prompts.hints and "pointwise" in prompts.tasks and "explicit_mf" not in cfg.retrieval.models:
-        raise RecRankerError(
-            "prompts.hints with the pointwise task needs the explicit MF: add explicit_mf to retrieval.models "
-            "or set prompts.hints=false"
-        )
-    check_templates(prompts.templates)
-
-
 def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Path) -> dict:
-    check_config(cfg)
-    prompts_cfg = cfg.prompts
+    prompts_cfg, folder = cfg.prompts, InstructionsFolder(out)
     data = load_split(data_dir)
     hints, user_embeddings = load_hints(retrieval_dir, cfg.retrieval.backbone)
     builder = PromptBuilder(data, prompts_cfg, hints, prompts_cfg.item_noun or data.meta.get("item_noun", "item"))
@@ -147,8 +113,8 @@ def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Pa
 
     inference: dict[str, list[PromptParts]] = {}
     empty_candidates = collections.Counter()
-    for split, filename in (("test", "candidates.csv"), ("valid", "candidates_valid.csv")):
-        candidate_lists = read_candidates(retrieval_dir / filename, data)
+    for split in SPLITS:
+        candidate_lists = read_candidates(RetrievalFolder(retrieval_dir).candidates(split), data)
         inference[split] = []
         for user, candidates in enumerate(candidate_lists):
             if not candidates:
@@ -163,7 +129,7 @@ def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Pa
     else:
         corpus = (builder.prefix(p) + p.suffix + (" " + p.response if p.response else "") for p in train)
         corpus = itertools.chain(corpus, (p.suffix for p in inference["test"]))
-        tokenizer = train_bpe(corpus, prompts_cfg.tokenizer_vocab_size, out / "tokenizer")
+        tokenizer = train_bpe(corpus, prompts_cfg.tokenizer_vocab_size, folder.tokenizer)
     over_budget = {name: apply_budget(builder, parts, tokenizer, prompts_cfg.max_tokens)
                    for name, parts in (("train", train), *inference.items())}
 
@@ -184,10 +150,9 @@ def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Pa
         row["dropped_history"] = p.dropped
         return row
 
-    for name, parts in (("train", train), *inference.items()):
-        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as handle:
-            for p in parts:
-                handle.write(json.dumps(record(p, name == "train"), ensure_ascii=False) + "\n")
+    write_jsonl(folder.train, (record(p, True) for p in train))
+    for split, parts in inference.items():
+        write_jsonl(folder.prompts(split), (record(p, False) for p in parts))
 
     def per_task(parts: list[PromptParts], predicate=lambda p: True) -> dict[str, int]:
         return dict(sorted(collections.Counter(p.task for p in parts if predicate(p)).items()))
@@ -212,5 +177,5 @@ def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Pa
         "rating_mode": prompts_cfg.rating_mode,
         "max_rating": builder.scale.max_rating,
     }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_json(folder.stats, stats)
     return stats

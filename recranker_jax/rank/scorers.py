@@ -1,25 +1,5 @@
-"""The LLM side of re-ranking: batched, prefix-cached scorers for the three RecRanker tasks.
-
-All prompts of one user and task share a prefix (instruction + history). A batch of users'
-prefixes is run once (left-padded) and every suffix (question, hint, "Answer:") is a branch of
-its user's KV cache (`Llama.extend_branches`: the cache is read in place, not copied per
-suffix, and a row's branches are packed one after another, not padded to a common width), so
-a user's history is never recomputed. Rotary positions and attention
-masks follow each row's real tokens, so padded, cached scores equal full-sequence scores
-(tested).
-
-- pointwise: the expected rating under the model's distribution over the answer tokens 1..H,
-  from one forward pass of the suffix;
-- pairwise: P(Yes) against P(No) for the question "would the user prefer A over B";
-- listwise: the candidates ranked by constrained greedy decoding: each step scores the
-  not-yet-chosen candidates' titles (one branch each) and appends the one with the highest
-  log-probability, so the answer is always a valid ranking;
-- generate: the reference's behaviour, free-text greedy decoding then parsing, for comparison.
-
-Users are batched in order of prompt length and prompt widths rounded up to 2^n or 1.5 * 2^n
-(continuations to one width per call, batches to a fixed size), so each jitted function
-compiles a handful of times per run and little compute goes to padding.
-"""
+"""The three RecRanker tasks scored by the tuned LLM (the rank stage's scorers): prompts split
+into a shared prefix and suffixes, answer tokens, ratings, Yes/No, constrained listwise ranking."""
 
 from __future__ import annotations
 
@@ -27,34 +7,12 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
-from tqdm.auto import tqdm
 
 from recranker_jax.errors import RecRankerError
-from recranker_jax.llm.llama import KVCache, Llama
-
-MIN_WIDTH = 32
-
-
-def _bucket(length: int, step: int) -> int:
-    return max(step, -(-length // step) * step)
-
-
-def _width(length: int) -> int:
-    """Prompt widths: 32, 48, 64, 96, 128, 192, ... (at most ~1.5x padding, few compilations)."""
-    power = 1 << (max(length, 1) - 1).bit_length()
-    return max(MIN_WIDTH, power * 3 // 4 if power * 3 // 4 >= length else power)
-
-
-def _batches(lengths: Sequence[int], size: int, desc: str, progress: bool):
-    """Index batches of `size`, shortest first, with a progress bar."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    chunks = [order[i : i + size].tolist() for i in range(0, len(order), size)]
-    return tqdm(chunks, desc=desc, disable=not progress, leave=False)
+from recranker_jax.llm import decode
+from recranker_jax.llm.llama import Llama
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -124,147 +82,15 @@ def answer_tokens(tokenizer, answers: Sequence[str]) -> AnswerTokens:
     return AnswerTokens(list(ids[0][:lead]), np.array(heads, np.int32))
 
 
-# --------------------------------------------------------------------------------------------
-# Jitted pieces
-# --------------------------------------------------------------------------------------------
-
-
-@nnx.jit
-def _prefill(model: Llama, tokens, positions, valid):
-    """Run left-padded prompts [B, T] into a new cache of T slots; returns (cache, log-probs
-    after the last token). (The cache is grown by `_grow`, so each prompt width compiles once.)"""
-    cache = KVCache.zeros(model.config, *tokens.shape, model.dtype)
-    last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
-    logits, cache = model.prefill(tokens, cache, positions, valid, logits_at=last)
-    return cache, jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
-
-
-@jax.jit(static_argnames="extra")
-def _grow(cache: KVCache, extra: int) -> KVCache:
-    return cache.grow(extra)
-
-
-@nnx.jit
-def _branch_logprobs(model: Llama, tokens, cache: KVCache, positions, cache_valid, branch_ids, last):
-    """Log-probabilities [U, R, V] of the token after index `last` [U, R] of each row's packed branches."""
-    logits, _ = model.extend_branches(tokens, cache, positions, cache_valid, branch_ids, logits_at=last)
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-
-
-@nnx.jit(static_argnames="slots")
-def _listwise_step(model: Llama, cache: KVCache, key_valid, next_position, last_logprobs, start, tokens, branch_ids,
-                   within, offsets, lengths, slots):
-    """One constrained decoding step for U users with up to k candidates each.
-
-    tokens / branch_ids / within [U, T]: the titles of each user's not-yet-chosen candidates
-    packed one after another (`_pack`), each a branch of its user's cache (read in place);
-    offsets / lengths [U, k] locate candidate j's title in its row (length 0: chosen or
-    absent). The title with the highest summed token log-probability is appended to the cache
-    (`slots` slots from `start`). Returns the new state, the pick [U] and the scores [U, k]."""
-    users, k = lengths.shape
-    logits, own = model.extend_branches(tokens, cache, next_position[:, None] + within, key_valid, branch_ids)
-    logits = logits.astype(jnp.float32)
-    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [U, T]
-    following = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], axis=2)[..., 0] - normaliser[:, :-1]
-    first = jnp.take_along_axis(last_logprobs, tokens, axis=1)  # each token as the first of its title
-    per_token = jnp.where(within == 0, first, jnp.pad(following, ((0, 0), (1, 0))))
-    score = jnp.einsum("ut,utk->uk", jnp.where(branch_ids >= 0, per_token, 0.0), jax.nn.one_hot(branch_ids, k))
-    score = jnp.where(lengths == 0, -jnp.inf, score)
-    pick = jnp.argmax(score, axis=1)
-    user = jnp.arange(users)
-    picked_length, offset = lengths[user, pick], offsets[user, pick]
-    end = jnp.maximum(offset + picked_length - 1, 0)
-    new_last = logits[user, end] - normaliser[user, end, None]
-    key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.arange(slots)[None] < picked_length[:, None], (0, start))
-    return cache.commit(own, offset, slots, start), key_valid, next_position + picked_length, new_last, pick, score
-
-
-@nnx.jit
-def _greedy_step(model: Llama, token, cache: KVCache, start, positions, key_valid):
-    logits, cache = model.extend(token, cache, start, positions, key_valid)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-
-# --------------------------------------------------------------------------------------------
-# Host-side batching
-# --------------------------------------------------------------------------------------------
-
-
-def _left_padded(sequences: Sequence[Sequence[int]], width: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens, valid, positions) [rows, width] with each sequence at the right end."""
-    tokens = np.zeros((rows, width), np.int32)
-    valid = np.zeros((rows, width), bool)
-    positions = np.zeros((rows, width), np.int32)
-    for row, seq in enumerate(sequences):
-        pad = width - len(seq)
-        tokens[row, pad:] = seq
-        valid[row, pad:] = True
-        positions[row, pad:] = np.arange(len(seq))
-    return tokens, valid, positions
-
-
-def _capacity_valid(valid: np.ndarray, capacity: int) -> np.ndarray:
-    out = np.zeros((valid.shape[0], capacity), bool)
-    out[:, : valid.shape[1]] = valid
-    return out
-
-
-def _prefill_batch(model: Llama, sequences: Sequence[Sequence[int]], rows: int, extra: int):
-    """Prefill `sequences` padded to `rows` rows and their bucketed width, in a cache with
-    `extra` more slots; returns (cache, key_valid, lengths, width, last log-probs).
-
-    (Each batch's cache is as short as its prompts: one cache length per call instead would
-    compile the passes after the prefill once per call, not once per width, but made them
-    13-18% slower on the quickstart's mix of history lengths.)"""
-    width = _width(max(len(s) for s in sequences))
-    tokens, valid, positions = _left_padded(sequences, width, rows)
-    cache, last = _prefill(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid))
-    if extra:
-        cache = _grow(cache, extra)
-    key_valid = _capacity_valid(valid, width + extra)
-    lengths = np.zeros(rows, np.int32)
-    lengths[: len(sequences)] = [len(s) for s in sequences]
-    return cache, key_valid, lengths, width, last
-
-
-def _pack(rows: Sequence[Sequence[Sequence[int]]], width: int, batch: int, slots: int) -> dict[str, np.ndarray]:
-    """Each row's branches (token id lists; empty: none) packed one after another into
-    [batch, width]: tokens, branch_ids (-1: padding), within (index in the branch), and
-    offsets / lengths [batch, slots] of branch j."""
-    out = {"tokens": np.zeros((batch, width), np.int32), "branch_ids": np.full((batch, width), -1, np.int32),
-           "within": np.zeros((batch, width), np.int32), "offsets": np.zeros((batch, slots), np.int32),
-           "lengths": np.zeros((batch, slots), np.int32)}
-    for u, branches in enumerate(rows):
-        at = 0
-        for j, ids in enumerate(branches):
-            n = len(ids)
-            out["tokens"][u, at : at + n] = ids
-            out["branch_ids"][u, at : at + n] = j if n else -1
-            out["within"][u, at : at + n] = np.arange(n)
-            out["offsets"][u, j], out["lengths"][u, j] = at, n
-            at += n
-    return out
-
-
-def next_token_logprobs(model: Llama, groups: Sequence[PromptGroup], lead: Sequence[int], users_per_batch: int,
-                        desc: str = "score", progress: bool = True) -> list[np.ndarray]:
-    """For every group and suffix (in order), log-probabilities [V] of the token after suffix + `lead`."""
-    results: dict[int, list[np.ndarray]] = {}
-    # one packed width (bucketed like prompts, so calls share it) and branch count per call
-    width = _width(max(sum(len(s) + len(lead) for s in g.suffixes) for g in groups))
-    branches = max(len(g.suffixes) for g in groups)
-    for indices in _batches([len(g.prefix) for g in groups], users_per_batch, desc, progress):
-        batch = [groups[i] for i in indices]
-        cache, key_valid, lengths, _, _ = _prefill_batch(model, [g.prefix for g in batch], users_per_batch, 0)
-        packed = _pack([[s + list(lead) for s in g.suffixes] for g in batch], width, users_per_batch, branches)
-        last = np.maximum(packed["offsets"] + packed["lengths"] - 1, 0)
-        logprobs = np.asarray(_branch_logprobs(
-            model, jnp.asarray(packed["tokens"]), cache, jnp.asarray(lengths[:, None] + packed["within"]),
-            jnp.asarray(key_valid), jnp.asarray(packed["branch_ids"]), jnp.asarray(last),
-        ))
-        for u, (i, g) in enumerate(zip(indices, batch)):
-            results[i] = list(logprobs[u, : len(g.suffixes)])
-    return [row for i in range(len(groups)) for row in results[i]]
+def answer_logprobs(model: Llama, groups: Sequence[PromptGroup], answers: AnswerTokens, users_per_batch: int,
+                    desc: str = "score", progress: bool = True) -> np.ndarray:
+    """Log-probabilities [prompts, V] of the answer token of every group's prompts (in order),
+    after each suffix and the answers' shared lead: a user's prefix is run once and every suffix
+    is a branch of its KV cache, so the history is never recomputed."""
+    lead = list(answers.lead)
+    branches = [[suffix + lead for suffix in g.suffixes] for g in groups]
+    return np.stack(decode.next_token_logprobs(model, [g.prefix for g in groups], branches, users_per_batch, desc,
+                                               progress))
 
 
 def expected_ratings(logprobs: np.ndarray, answers: AnswerTokens) -> np.ndarray:
@@ -285,26 +111,28 @@ def listwise_rankings(
     top: int, users_per_batch: int, progress: bool = True,
 ) -> np.ndarray:
     """Constrained greedy rankings: positions [n, k] (1-based place among the first `top`, 0 beyond).
+    Each step scores the not-yet-chosen candidates' titles (one branch each of the user's cache)
+    and appends the most likely one, so the answer is always a valid ranking.
 
     contexts: each user's full prompt ids (+ the answer's lead); pieces[u][step == 0 ? 0 : 1][j]:
     candidate j's title ids as the first answer line and as a later line."""
     n, k = len(contexts), max(len(p[0]) for p in pieces)
     steps = min(top, k)
     positions = np.zeros((n, k), np.int32)
-    piece_width = _bucket(max(len(p) for user in pieces for form in user for p in form), 8)  # cache slots per step
+    piece_width = decode.round_up(max(len(p) for user in pieces for form in user for p in form), 8)  # cache slots per step
     # the packed titles of a step: one width per call, enough for every user's longest form
-    width = _width(max(sum(len(p) for p in form) for user in pieces for form in user))
-    for batch in _batches([len(c) for c in contexts], users_per_batch, "listwise", progress):
-        cache, key_valid, lengths, prompt_width, last = _prefill_batch(
+    width = decode.bucket_width(max(sum(len(p) for p in form) for user in pieces for form in user))
+    for batch in decode.batches_by_length([len(c) for c in contexts], users_per_batch, "listwise", progress):
+        cache, key_valid, lengths, prompt_width, last = decode.prefill_batch(
             model, [contexts[u] for u in batch], users_per_batch, steps * piece_width
         )
         chosen = np.zeros((len(batch), k), bool)
         key_valid, next_position = jnp.asarray(key_valid), jnp.asarray(lengths)
         for step in range(steps):
             form = 0 if step == 0 else 1  # the first answer line, or a later one
-            packed = _pack([[[] if chosen[row, j] else ids for j, ids in enumerate(pieces[u][form])]
-                            for row, u in enumerate(batch)], width, users_per_batch, k)
-            cache, key_valid, next_position, last, pick, _ = _listwise_step(
+            packed = decode.pack_branches([[[] if chosen[row, j] else ids for j, ids in enumerate(pieces[u][form])]
+                                           for row, u in enumerate(batch)], width, users_per_batch, k)
+            cache, key_valid, next_position, last, pick, _ = decode.constrained_step(
                 model, cache, key_valid, next_position, last, jnp.asarray(prompt_width + step * piece_width, jnp.int32),
                 *(jnp.asarray(packed[key]) for key in ("tokens", "branch_ids", "within", "offsets", "lengths")),
                 slots=piece_width,
@@ -315,38 +143,6 @@ def listwise_rankings(
                     chosen[row, pick[row]] = True
                     positions[u, pick[row]] = step + 1
     return positions
-
-
-def generate(model: Llama, prompts: Sequence[Sequence[int]], max_tokens: int, eos: int | None, batch_size: int,
-             progress: bool = True) -> list[list[int]]:
-    """Greedy free-text continuations (stopping at EOS; `eos` None: never, exactly `max_tokens`
-    tokens each), batched with a KV cache."""
-    outputs: dict[int, list[int]] = {}
-    for indices in _batches([len(p) for p in prompts], batch_size, "generate", progress):
-        batch = [prompts[i] for i in indices]
-        cache, key_valid, lengths, width, last = _prefill_batch(model, batch, batch_size, max_tokens)
-        token = np.asarray(jnp.argmax(last, axis=-1)).astype(np.int32)
-        generated = [[] for _ in batch]
-        done = np.zeros(batch_size, bool)
-        done[len(batch) :] = True
-        key_valid = np.array(key_valid)
-        for step in range(max_tokens):
-            for row in range(len(batch)):
-                if not done[row]:
-                    if eos is not None and token[row] == eos:
-                        done[row] = True
-                    else:
-                        generated[row].append(int(token[row]))
-            if done.all() or step == max_tokens - 1:
-                break
-            key_valid[:, width + step] = True
-            token, cache = _greedy_step(
-                model, jnp.asarray(token)[:, None], cache, jnp.asarray(width + step, jnp.int32),
-                jnp.asarray(lengths + step)[:, None], jnp.asarray(key_valid),
-            )
-            token = np.asarray(token)
-        outputs.update(zip(indices, generated))
-    return [outputs[i] for i in range(len(prompts))]
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,8 +56,16 @@ def bpr_loss(
     return ranking + l2 * 0.5 * jnp.sum(weight * squares) / count
 
 
+def explicit_mf_rating(mean_rating, user_bias, item_bias, interaction):
+    """The explicit MF's rating r(u, i) = mean + b_u + b_i + p_u . q_i from its terms, added in
+    this order (NumPy or JAX arrays). The caller computes the interaction p_u . q_i: training a
+    product summed per pair in JAX, the prompts' hints a NumPy matmul, which round differently."""
+    return mean_rating + user_bias + item_bias + interaction
+
+
 class ExplicitMF(nnx.Module):
-    """Rating MF: r(u, i) = mean + b_u + b_i + p_u . q_i, fitted to training ratings only.
+    """Rating MF: r(u, i) = mean + b_u + b_i + p_u . q_i (`explicit_mf_rating`), fitted to training
+    ratings only.
 
     Its predictions are the pointwise prompts' hint ("another recommender system
     predicts a rating of 4.2").
@@ -73,7 +81,7 @@ class ExplicitMF(nnx.Module):
 
     def __call__(self, user: jax.Array, item: jax.Array) -> jax.Array:
         interaction = jnp.sum(self.user_factors[...][user] * self.item_factors[...][item], axis=-1)
-        return self.mean_rating + self.user_bias[...][user] + self.item_bias[...][item] + interaction
+        return explicit_mf_rating(self.mean_rating, self.user_bias[...][user], self.item_bias[...][item], interaction)
 
 
 def rating_loss(

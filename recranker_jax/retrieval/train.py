@@ -20,13 +20,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 from tqdm.auto import tqdm
 
 from recranker_jax.config import ExplicitMFConfig, RetrievalConfig
 from recranker_jax.data.split import SplitData
 from recranker_jax.errors import RecRankerError
-from recranker_jax.parallel import axis_size, logical_spec
+from recranker_jax.config_checks import check_batch
+from recranker_jax.parallel import axis_size, logical_spec, place_tree
 from recranker_jax.retrieval.evaluate import Scorer, evaluate
 from recranker_jax.retrieval.graph import Graph, build_graph
 from recranker_jax.retrieval.models import ExplicitMF, LightGCN, bpr_loss, rating_loss
@@ -80,12 +81,6 @@ def padded_rows(n: int, mesh: Mesh | None, logical_name: str, rules: dict[str, l
 
 def pad_rows(table: jax.Array, rows: int) -> jax.Array:
     return jnp.pad(table, [(0, rows - table.shape[0])] + [(0, 0)] * (table.ndim - 1))
-
-
-def place(tree: Any, mesh: Mesh | None, specs: Any) -> Any:
-    if mesh is None:
-        return tree
-    return jax.device_put(tree, jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -224,15 +219,11 @@ def bpr_problem(
     model.item_embedding = nnx.Param(pad_rows(model.item_embedding[...], n_items))
     batch_spec = logical_spec([None, "batch"], rules)
     if mesh is not None:
-        batch_shards = axis_size(mesh, "batch", rules)
-        if cfg.batch_size % batch_shards:
-            raise RecRankerError(
-                f"retrieval.batch_size={cfg.batch_size} must be a multiple of the {batch_shards} batch shards of the mesh"
-            )
+        check_batch("retrieval.batch_size", cfg.batch_size, rules, dict(mesh.shape))
         table_specs = {"user_embedding": logical_spec(["users", None], rules),
                        "item_embedding": logical_spec(["items", None], rules)}
-        nnx.update(model, place(nnx.state(model, nnx.Param), mesh, nnx.State(table_specs)))
-        graph = place(graph, mesh, jax.tree.map(lambda _: PartitionSpec(), graph))
+        nnx.update(model, place_tree(nnx.state(model, nnx.Param), mesh, nnx.State(table_specs)))
+        graph = place_tree(graph, mesh, jax.tree.map(lambda _: PartitionSpec(), graph))
 
     def epoch_batches(epoch: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, epoch])
@@ -253,7 +244,7 @@ def bpr_problem(
 
     return BPRProblem(
         model=model, graph=graph, loss=loss, epoch_batches=epoch_batches, scorer_of=scorer_of,
-        shard_batches=lambda b: place(b, mesh, jax.tree.map(lambda _: batch_spec, b)),
+        shard_batches=lambda b: place_tree(b, mesh, jax.tree.map(lambda _: batch_spec, b)),
     )
 
 

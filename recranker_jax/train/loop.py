@@ -28,10 +28,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from recranker_jax import hardware
 from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.layout import checkpoint_layout
+from recranker_jax.parallel import place_batch
 from recranker_jax.train.packing import PackedRows, answer_capacity, batch_arrays
-from recranker_jax.train.step import place_batch, train_step
+from recranker_jax.train.step import train_step
 
 
 logger = logging.getLogger(__name__)
@@ -171,7 +173,7 @@ def train(
             step += 1
             mfu = None
             if flops_per_token and peak_flops:
-                mfu = rows.tokens[index].size / seconds * flops_per_token / peak_flops
+                mfu = hardware.mfu(rows.tokens[index].size / seconds, flops_per_token, peak_flops)
             entry = StepLog(step, loss, float((rows.segment_ids[index] > 0).sum()) / seconds,
                             float(schedule(step - 1)) if schedule else None, mfu)
             logs.append(entry)

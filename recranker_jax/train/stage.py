@@ -27,28 +27,20 @@ from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.hf_export import export_hf
 from recranker_jax.llm.hf_import import load_hf_llama
 from recranker_jax.llm.llama import Llama, LlamaConfig, model_options
-from recranker_jax.parallel import axis_size, is_primary, make_mesh
+from recranker_jax.config_checks import check_batch
+from recranker_jax.parallel import is_primary, make_mesh
 from recranker_jax.prompts.tokenizer import encode_example, load_tokenizer
 from recranker_jax.train.loop import train
 from recranker_jax.train.packing import pack
+from recranker_jax.run import FinetuneFolder, InstructionsFolder, read_jsonl, write_json
 from recranker_jax.train.step import learning_rate_schedule, make_optimizer, shard_model, shard_optimizer
 
 
 def tokenizer_folder(cfg: Config, instructions_dir: Path) -> Path:
+    """prompts.tokenizer, or the one the instructions stage trained."""
     if cfg.prompts.tokenizer:
         return Path(cfg.prompts.tokenizer)
-    return instructions_dir / "tokenizer"
-
-
-def check_config(cfg: Config) -> None:
-    for key in ("seq_len", "batch_size", "steps", "save_every", "accumulation"):
-        if getattr(cfg.train, key) < 1:
-            raise RecRankerError(f"train.{key}={getattr(cfg.train, key)}: expected a positive integer")
-    if cfg.model.checkpoint and not cfg.prompts.tokenizer:
-        raise RecRankerError(
-            "model.checkpoint is set: set prompts.tokenizer to the same folder so prompts are tokenised "
-            "with the checkpoint's own tokenizer"
-        )
+    return InstructionsFolder(instructions_dir).tokenizer
 
 
 def build_model(cfg: Config, vocab_size: int, mesh=None) -> Llama:
@@ -73,7 +65,7 @@ def build_model(cfg: Config, vocab_size: int, mesh=None) -> Llama:
 
 def throughput_model(cfg: Config, model: Llama, mesh) -> dict:
     """Training FLOPs per token and the mesh's peak FLOP/s (None off the known accelerators), for MFU."""
-    from recranker_jax.bench.hardware import llama_flops_per_token, peak_flops
+    from recranker_jax.hardware import llama_flops_per_token, peak_flops
 
     lora_parameters = int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
     trainable = "lora" if cfg.train.lora.enabled else "full"
@@ -83,19 +75,15 @@ def throughput_model(cfg: Config, model: Llama, mesh) -> dict:
 
 
 def build_finetune(cfg: Config, instructions_dir: Path, out: Path, checkpoint_dir: Path, progress: bool = True) -> dict:
-    check_config(cfg)
     tokenizer = load_tokenizer(tokenizer_folder(cfg, instructions_dir))
-    records = [json.loads(line) for line in (instructions_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    train_file, folder = InstructionsFolder(instructions_dir).train, FinetuneFolder(out)
+    records = read_jsonl(train_file)
     if not records:
-        raise RecRankerError(f"{instructions_dir / 'train.jsonl'} has no examples")
+        raise RecRankerError(f"{train_file} has no examples")
     examples = [encode_example(tokenizer, r["prompt"], r["response"]) for r in records]
     rows = pack(examples, cfg.train.seq_len)
     mesh = make_mesh(cfg.mesh)
-    batch_shards = axis_size(mesh, "batch", cfg.mesh.rules)
-    if cfg.train.batch_size % batch_shards:
-        raise RecRankerError(
-            f"train.batch_size={cfg.train.batch_size} must be a multiple of the {batch_shards} batch shards of the mesh"
-        )
+    check_batch("train.batch_size", cfg.train.batch_size, cfg.mesh.rules, dict(mesh.shape))
     model = build_model(cfg, len(tokenizer), mesh)
     lora = cfg.train.lora
     wrt = nnx.Param
@@ -111,7 +99,7 @@ def build_finetune(cfg: Config, instructions_dir: Path, out: Path, checkpoint_di
     )
     shard_optimizer(optimizer, mesh)
     primary = is_primary()  # with several processes all train and export; only process 0 writes files
-    with open(out / "train_log.jsonl", "w") if primary else contextlib.nullcontext() as handle:
+    with open(folder.train_log, "w") if primary else contextlib.nullcontext() as handle:
         logs, reached = train(
             model, optimizer, rows, batch_size=t.batch_size, steps=t.steps, seed=cfg.run.seed,
             checkpoint_dir=checkpoint_dir, save_every=t.save_every, mesh=mesh, rules=cfg.mesh.rules,
@@ -125,13 +113,12 @@ def build_finetune(cfg: Config, instructions_dir: Path, out: Path, checkpoint_di
     if lora.enabled:
         from recranker_jax.llm.lora import export_peft, merge_lora
 
-        if primary:  # adapters are replicated (llm.llama.weight_axes): process 0 holds them whole
-            export_peft(model, out / "adapter", cfg.model.checkpoint or "recranker-from-scratch",
-                        lora.targets, lora.rank, lora.alpha, lora.dropout)
+        export_peft(model, folder.adapter, cfg.model.checkpoint or "recranker-from-scratch",  # a gather every
+                    lora.targets, lora.rank, lora.alpha, lora.dropout)  # process joins; process 0 writes
         model = merge_lora(model)
-    export_hf(model, out / "model")  # a gather every process joins
+    export_hf(model, folder.model)  # a gather every process joins
     if primary:
-        tokenizer.save_pretrained(out / "model")
+        tokenizer.save_pretrained(folder.model)
     summary = {
         "examples": len(examples), "packed_rows": len(rows), "steps": t.steps,
         "answer_tokens": int(rows.loss_mask.sum()),
@@ -141,6 +128,6 @@ def build_finetune(cfg: Config, instructions_dir: Path, out: Path, checkpoint_di
         "median_mfu": float(np.median([e.mfu for e in logs[1:]])) if len(logs) > 1 and logs[-1].mfu is not None else None,
     }
     if primary:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(folder.summary, summary)
     return summary
 

@@ -1,6 +1,6 @@
 """The instruction-tuning step: masked next-token cross-entropy on answer tokens, AdamW with
-warmup + cosine decay, gradient clipping and accumulation, and parameters, optimizer state
-and batches placed with `NamedSharding`s from the config's logical-axis rules.
+warmup + cosine decay, gradient clipping and accumulation, and parameters and optimizer state
+placed with `NamedSharding`s from the config's logical-axis rules.
 
 Full fine-tuning trains every `nnx.Param`; LoRA trains only `nnx.LoRAParam`s (the `wrt`
 filter), so the base weights get neither gradients nor optimizer state.
@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from recranker_jax.llm.llama import WEIGHT_AXES, Llama, weight_axes  # noqa: F401 (re-exported)
-from recranker_jax.parallel import array_sharding, logical_spec, place
+from recranker_jax.parallel import array_sharding, place_array
 from recranker_jax.train.loss import linear_cross_entropy
-
-BATCH_AXES = ("batch", None)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: dict[str, list[str]]) -> None:
@@ -31,7 +28,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: dict[str, list[str]]) -> N
         for path, variable in flat
     }
     for path, variable in flat:
-        variable.set_value(place(variable.get_value(), shardings[path]))
+        variable.set_value(place_array(variable.get_value(), shardings[path]))
     nnx.update(model, nnx.from_flat_state(flat))
 
 
@@ -43,7 +40,7 @@ def shard_optimizer(optimizer: nnx.Optimizer, mesh: Mesh) -> None:
     for _, variable in flat:
         value = variable.get_value()
         if isinstance(value, jax.Array) and not (isinstance(value.sharding, NamedSharding) and value.sharding.mesh == mesh):
-            variable.set_value(place(value, replicated))
+            variable.set_value(place_array(value, replicated))
     nnx.update(optimizer, nnx.from_flat_state(flat))
 
 
@@ -114,16 +111,3 @@ def jitted_train_step():
 def train_step(model: Llama, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]) -> jax.Array:
     """One optimizer update on `batch`; returns the loss before the update."""
     return jitted_train_step()(model, optimizer, batch)
-
-
-def place_batch(batch: dict[str, jax.Array], mesh: Mesh | None, rules: dict[str, list[str]]) -> dict[str, jax.Array]:
-    """The global batch (rows along "batch") on `mesh`. When the mesh spans several processes,
-    each process copies only the rows its own devices hold (every process passes the same
-    global batch; nothing is sent between processes)."""
-    if mesh is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    sharding = NamedSharding(mesh, logical_spec(BATCH_AXES, rules))
-    if sharding.is_fully_addressable:
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-    return {k: jax.make_array_from_callback(np.shape(v), sharding, lambda index, v=v: np.asarray(v[index]))
-            for k, v in batch.items()}

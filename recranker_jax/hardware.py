@@ -1,5 +1,5 @@
-"""What the benchmarks divide by: peak matmul FLOP/s and memory per chip, LLaMA training FLOPs
-per token, model FLOPs utilisation (MFU), and a description of the machine a result came from.
+"""Hardware figures and FLOP accounting, below train/, bench/ and plan: peak matmul FLOP/s and
+memory per chip, LLaMA training FLOPs per token, MFU, and the machine a result came from.
 
 Peak figures are the vendors' dense (no structured sparsity) numbers per chip, looked up by
 jax's `device.device_kind`, case-insensitively, first matching substring wins (so the more
@@ -110,9 +110,10 @@ def llama_flops_per_token(llama_config: Any, seq_len: int, trainable: str = "ful
     return float(4 * n + 6 * lora_parameters + attention)
 
 
-def mfu(tokens_per_second: float, flops_per_token: float, peak_per_device: float, n_devices: int) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices (0..1)."""
-    return tokens_per_second * flops_per_token / (peak_per_device * n_devices)
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation (0..1): achieved model FLOP/s over `peak_flops`, the peak FLOP/s of
+    all the devices the tokens ran on together."""
+    return tokens_per_second * flops_per_token / peak_flops
 
 
 def environment() -> dict[str, Any]:

@@ -1,0 +1,226 @@
+"""Every check of a config's values, once: ranges, the names a key accepts, rules across
+sections, and the mesh arithmetic (a mesh shape on N devices, a batch over its batch shards).
+`Config.validate()` runs the static ones when a config loads; the modules acting on a value
+import its vocabulary from here. Each failure is one RecRankerError naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from recranker_jax.errors import RecRankerError
+
+FILE_SOURCES = ("ml-100k", "ml-1m", "bookcrossing")
+SOURCES = ("movielens-small", *FILE_SOURCES, "tfds:<name>")
+RETRIEVAL_MODELS = ("lightgcn", "mf", "explicit_mf", "popularity")
+SAMPLING_STRATEGIES = ("uniform", "importance", "cluster", "adaptive")
+TASKS = ("pointwise", "pairwise", "listwise")
+METHODS = (*TASKS, "hybrid")
+RANK_SPLITS = ("test", "valid")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# The placeholders each prompt template must hold (no more, no fewer).
+TEMPLATE_PLACEHOLDERS = {
+    "pointwise_instruction": {"noun", "max_rating", "history"},
+    "pointwise_question": {"noun", "target", "max_rating", "hint"},
+    "pointwise_hint": {"rating"},
+    "pairwise_instruction": {"noun", "history", "disliked"},
+    "pairwise_question": {"first", "second", "hint"},
+    "pairwise_hint": {"preferred"},
+    "listwise_instruction": {"noun", "history", "disliked"},
+    "listwise_question": {"noun", "candidates", "hint"},
+    "listwise_hint": {"ranked"},
+}
+
+
+def _positive(section: str, owner: Any, keys: Sequence[str]) -> None:
+    for key in keys:
+        if getattr(owner, key) < 1:
+            raise RecRankerError(f"{section}.{key}={getattr(owner, key)}: expected a positive integer")
+
+
+def check_data(data: Any) -> None:
+    source = data.source
+    if source not in SOURCES[:-1] and not source.startswith("tfds:"):
+        raise RecRankerError(f"unknown data.source {source!r}; expected one of: {', '.join(SOURCES)}")
+
+
+def check_retrieval(retrieval: Any) -> None:
+    unknown = [m for m in retrieval.models if m not in RETRIEVAL_MODELS]
+    if unknown:
+        raise RecRankerError(f"retrieval.models: unknown {unknown}; expected some of {', '.join(RETRIEVAL_MODELS)}")
+    if retrieval.backbone not in retrieval.models or retrieval.backbone == "explicit_mf":
+        raise RecRankerError(
+            f"retrieval.backbone={retrieval.backbone!r}: expected one of the ranking models in retrieval.models "
+            f"(lightgcn, mf, popularity), got models {retrieval.models}"
+        )
+    _positive("retrieval", retrieval, ("candidates", "dim", "batch_size", "epochs", "eval_every", "patience"))
+
+
+def check_sampling(sampling: Any) -> None:
+    if sampling.strategy not in SAMPLING_STRATEGIES:
+        raise RecRankerError(f"sampling.strategy: expected one of {', '.join(SAMPLING_STRATEGIES)}, "
+                             f"got {sampling.strategy!r}")
+    if isinstance(sampling.size, bool) or not isinstance(sampling.size, numbers.Integral) or sampling.size < 1:
+        raise RecRankerError(f"sampling.size: expected an integer >= 1, got {sampling.size!r}")
+    if not 0.0 < sampling.fraction <= 1.0:
+        raise RecRankerError(f"sampling.fraction: expected a number in (0, 1], got {sampling.fraction!r}")
+    if not 0.0 < sampling.penalty <= 1.0:
+        raise RecRankerError(f"sampling.penalty: expected a number in (0, 1], got {sampling.penalty!r}")
+    if (isinstance(sampling.clusters, bool) or not isinstance(sampling.clusters, numbers.Integral)
+            or sampling.clusters < 1):
+        raise RecRankerError(f"sampling.clusters: expected an integer >= 1, got {sampling.clusters!r}")
+
+
+def check_templates(templates: Any) -> None:
+    """Every template must contain exactly the placeholders its task fills."""
+    for name, required in TEMPLATE_PLACEHOLDERS.items():
+        text = getattr(templates, name)
+        try:
+            fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+        except ValueError as err:
+            raise RecRankerError(f"prompts.templates.{name}: not a valid format string ({err})") from None
+        missing, unknown = required - fields, fields - required
+        expected = ", ".join("{" + f + "}" for f in sorted(required))
+        if missing:
+            raise RecRankerError(f"prompts.templates.{name}: placeholder {{{sorted(missing)[0]}}} is missing; "
+                                 f"expected {expected}")
+        if unknown:
+            raise RecRankerError(f"prompts.templates.{name}: unknown placeholder {{{sorted(unknown)[0]}}}; "
+                                 f"expected {expected}")
+
+
+def check_prompts(cfg: Any) -> None:
+    prompts = cfg.prompts
+    unknown = [t for t in prompts.tasks if t not in TASKS]
+    if unknown or not prompts.tasks:
+        raise RecRankerError(f"prompts.tasks={prompts.tasks}: expected a non-empty subset of {', '.join(TASKS)}")
+    _positive("prompts", prompts, ("history_items", "listwise_liked", "listwise_candidates", "pairs", "max_tokens",
+                                   "tokenizer_vocab_size"))
+    if prompts.listwise_liked >= prompts.listwise_candidates:
+        raise RecRankerError(f"prompts.listwise_liked={prompts.listwise_liked}: expected fewer than "
+                             f"prompts.listwise_candidates={prompts.listwise_candidates}")
+    if prompts.hints and "pointwise" in prompts.tasks and "explicit_mf" not in cfg.retrieval.models:
+        raise RecRankerError("prompts.hints with the pointwise task needs the explicit MF: add explicit_mf to "
+                             "retrieval.models or set prompts.hints=false")
+    check_templates(prompts.templates)
+
+
+def normalise_targets(targets: Sequence[str]) -> tuple[str, ...]:
+    """LoRA targets: 'q' or 'q_proj' -> 'q_proj', in the given order without repeats."""
+    if isinstance(targets, str):
+        targets = [targets]
+    names = []
+    for target in targets:
+        name = target if str(target).endswith("_proj") else f"{target}_proj"
+        if name not in LORA_TARGETS:
+            valid = ", ".join(n.removesuffix("_proj") for n in LORA_TARGETS)
+            raise RecRankerError(f"unknown LoRA target {target!r}; expected some of {valid} (or their *_proj names)")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise RecRankerError("LoRA targets are empty; expected some of q, k, v, o, gate, up, down")
+    return tuple(names)
+
+
+def check_lora(rank: Any, alpha: float, dropout: float) -> None:
+    """LoRA's rank, alpha and dropout (train.lora.*)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise RecRankerError(f"LoRA rank={rank!r}: expected an integer >= 1")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise RecRankerError(f"LoRA alpha={alpha!r}: expected a positive number")
+    if not 0.0 <= dropout < 1.0:
+        raise RecRankerError(f"LoRA dropout={dropout!r}: expected a rate in [0, 1)")
+
+
+def check_train(cfg: Any) -> None:
+    _positive("train", cfg.train, ("seq_len", "batch_size", "steps", "save_every", "accumulation"))
+    if cfg.model.checkpoint and not cfg.prompts.tokenizer:
+        raise RecRankerError("model.checkpoint is set: set prompts.tokenizer to the same folder so prompts are "
+                             "tokenised with the checkpoint's own tokenizer")
+    lora = cfg.train.lora
+    if lora.enabled:
+        normalise_targets(lora.targets)
+        check_lora(lora.rank, lora.alpha, lora.dropout)
+
+
+def check_rank(cfg: Any) -> None:
+    r = cfg.rank
+    unknown = [m for m in r.methods if m not in METHODS]
+    if unknown or not r.methods:
+        raise RecRankerError(f"rank.methods={r.methods}: expected a non-empty subset of {', '.join(METHODS)}")
+    missing = [t for t in r.methods if t in TASKS and t not in cfg.prompts.tasks]
+    if missing:
+        raise RecRankerError(f"rank.methods includes {missing[0]} but prompts.tasks={cfg.prompts.tasks} "
+                             "builds no such prompts")
+    if len(r.alphas) != 3:
+        raise RecRankerError(f"rank.alphas={r.alphas}: expected 3 weights (pointwise, pairwise, listwise)")
+    if not r.splits or any(s not in RANK_SPLITS for s in r.splits):
+        raise RecRankerError(f"rank.splits={r.splits}: expected a non-empty subset of test, valid")
+    _positive("rank", r, ("batch_size", "list_positions", "generate_tokens"))
+    if not r.ks or min(r.ks) < 1 or max(r.ks) > cfg.retrieval.candidates:
+        raise RecRankerError(f"rank.ks={r.ks}: expected cut-offs between 1 and "
+                             f"retrieval.candidates={cfg.retrieval.candidates}")
+
+
+# ----------------------------------------------------------------------------- the mesh
+
+def check_mesh(shape: Sequence[int], axes: Sequence[str], rules: Mapping[str, Sequence[str]]) -> None:
+    """What a mesh needs whatever the device count: a size per axis, rules naming only its axes."""
+    if len(shape) != len(axes):
+        raise RecRankerError(f"mesh.shape={list(shape)} and mesh.axes={list(axes)}: expected equal lengths")
+    unknown = sorted({a for names in rules.values() for a in names} - set(axes))
+    if unknown:
+        raise RecRankerError(f"mesh.rules name mesh axes {unknown} that are not in mesh.axes={list(axes)}")
+    _check_shape(shape)
+
+
+def _check_shape(shape: Sequence[int]) -> None:
+    if any(s == 0 or s < -1 for s in shape):
+        raise RecRankerError(f"mesh.shape={list(shape)}: entries must be positive or -1")
+    if sum(s == -1 for s in shape) > 1:
+        raise RecRankerError(f"mesh.shape={list(shape)}: at most one entry may be -1")
+
+
+def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
+    """Replace one -1 by the devices left over; check the product equals n_devices."""
+    _check_shape(shape)
+    fixed = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if n_devices % fixed:
+            raise RecRankerError(f"mesh.shape={list(shape)}: the fixed axes ({fixed} devices) do not divide "
+                                 f"the {n_devices} available devices")
+        shape = [n_devices // fixed if s == -1 else s for s in shape]
+    if math.prod(shape) != n_devices:
+        raise RecRankerError(f"mesh.shape={list(shape)} needs {math.prod(shape)} devices, but {n_devices} are available")
+    return tuple(shape)
+
+
+def shards(logical_name: str, rules: Mapping[str, Sequence[str]], sizes: Mapping[str, int]) -> int:
+    """How many shards a dimension with this logical name is split into on a mesh of `sizes`."""
+    return math.prod(sizes.get(axis, 1) for axis in rules.get(logical_name, []))
+
+
+def check_batch(key: str, batch_size: int, rules: Mapping[str, Sequence[str]], sizes: Mapping[str, int]) -> None:
+    """A batch (config key `key`) must split evenly over the mesh's batch shards."""
+    batch_shards = shards("batch", rules, sizes)
+    if batch_size % batch_shards:
+        mesh = ", ".join(f"{axis}={size}" for axis, size in sizes.items())
+        raise RecRankerError(f"{key}={batch_size} must be a multiple of the {batch_shards} batch shards of the mesh "
+                             f"({mesh})")
+
+
+def check_config(cfg: Any) -> None:
+    """Every static check of a whole config (`Config.validate`)."""
+    check_data(cfg.data)
+    check_mesh(cfg.mesh.shape, cfg.mesh.axes, cfg.mesh.rules)
+    check_retrieval(cfg.retrieval)
+    check_sampling(cfg.sampling)
+    check_prompts(cfg)
+    check_train(cfg)
+    check_rank(cfg)

@@ -1,0 +1,280 @@
+"""The run folder, runs/<name>/, as one typed layout: every path in it, and the readers and
+writers of the files one stage hands to the next. The file formats are the public contract
+(outside tools read them); the stages, the report, the CLI and the benchmarks use only this.
+
+    runs/<name>/config.yaml  data/  retrieval/  instructions/  finetune/  ranking/
+                checkpoints/<stage>-<key>/  metrics.json  report.md  plots/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recranker_jax.errors import RecRankerError
+
+SPLITS = ("test", "valid")  # the held-out items a run ranks and evaluates
+SPLIT_FILES = ("train.csv", "valid.csv", "test.csv", "items.csv")
+MARKER = "_stage.json"  # in a stage folder: it finished, with this cache key
+
+
+def _checked(split: str) -> str:
+    if split not in SPLITS:
+        raise RecRankerError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def _split_file(stem: str, split: str, suffix: str) -> str:
+    """test: `stem.suffix`; another split: `stem_<split>.suffix` (candidates.csv, rankings_valid.csv)."""
+    return f"{stem}.{suffix}" if _checked(split) == "test" else f"{stem}_{split}.{suffix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFolder:
+    """data/: the leave-one-out split (raw ids) and its statistics."""
+
+    path: Path
+
+    def csv(self, name: str) -> Path:
+        """train.csv, valid.csv, test.csv or items.csv."""
+        return self.path / f"{name}.csv"
+
+    @property
+    def meta(self) -> Path:
+        return self.path / "meta.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalFolder:
+    """retrieval/: every backbone's metrics, parameters and factors, the backbone's candidates."""
+
+    path: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def history(self) -> Path:
+        return self.path / "history.json"
+
+    def candidates(self, split: str) -> Path:
+        return self.path / _split_file("candidates", split, "csv")
+
+    def model(self, name: str) -> Path:
+        """A model's folder: params/ (Orbax) and, for ranking models, embeddings.npz."""
+        return self.path / name
+
+    def embeddings(self, name: str) -> Path:
+        return self.model(name) / "embeddings.npz"
+
+    @property
+    def explicit_mf(self) -> Path:
+        return self.path / "explicit_mf.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructionsFolder:
+    """instructions/: training examples, inference prompts per split, the tokenizer, statistics."""
+
+    path: Path
+
+    @property
+    def train(self) -> Path:
+        return self.path / "train.jsonl"
+
+    def prompts(self, split: str) -> Path:
+        return self.path / f"{_checked(split)}.jsonl"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def stats(self) -> Path:
+        return self.path / "stats.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneFolder:
+    """finetune/: the tuned model (a Hugging Face folder), the PEFT adapter, the training log."""
+
+    path: Path
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / "train_log.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingFolder:
+    """ranking/: metrics, every method's order per split, the scorers' raw outputs."""
+
+    path: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    def rankings(self, split: str) -> Path:
+        return self.path / _split_file("rankings", split, "csv")
+
+    def scores(self, split: str) -> Path:
+        return self.path / f"scores_{_checked(split)}.npz"
+
+
+# Each stage's folder under runs/<name>/ (the rank stage's is "ranking").
+STAGE_FOLDERS = {"data": "data", "retrieval": "retrieval", "instructions": "instructions", "finetune": "finetune",
+                 "rank": "ranking"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """runs/<name>/ of one run."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, cfg: Any) -> RunFolder:
+        """The run folder of a config (`run.root` / `run.name`)."""
+        return cls(Path(cfg.run.root) / cfg.run.name)
+
+    def stage(self, name: str) -> Path:
+        return self.path / STAGE_FOLDERS[name]
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def data(self) -> DataFolder:
+        return DataFolder(self.stage("data"))
+
+    @property
+    def retrieval(self) -> RetrievalFolder:
+        return RetrievalFolder(self.stage("retrieval"))
+
+    @property
+    def instructions(self) -> InstructionsFolder:
+        return InstructionsFolder(self.stage("instructions"))
+
+    @property
+    def finetune(self) -> FinetuneFolder:
+        return FinetuneFolder(self.stage("finetune"))
+
+    @property
+    def ranking(self) -> RankingFolder:
+        return RankingFolder(self.stage("rank"))
+
+    def checkpoints(self, stage: str, key: str) -> Path:
+        """Training state of an unfinished stage, kept across interruptions."""
+        return self.path / "checkpoints" / f"{stage}-{key}"
+
+    @property
+    def metrics(self) -> Path:
+        """The report's copy of ranking/metrics.json."""
+        return self.path / "metrics.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+
+# ----------------------------------------------------------------------------- readers and writers
+
+def write_json(path: Path, document: Any) -> None:
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def read_json(path: Path, missing: str = "run the stage that writes it first") -> Any:
+    if not path.is_file():
+        raise RecRankerError(f"{path} not found: {missing}")
+    return json.loads(path.read_text())
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path, missing: str = "run `recranker instructions` first") -> list[dict]:
+    if not path.is_file():
+        raise RecRankerError(f"{path} not found: {missing}")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_candidates(path: Path, data: Any, items: np.ndarray, scores: np.ndarray) -> None:
+    """candidates.csv: user_id, rank (1-based), item_id, score; items / scores [users, k] in
+    the split's user order (`SplitData`)."""
+    k = items.shape[1]
+    pd.DataFrame({
+        "user_id": np.repeat(data.user_ids, k),
+        "rank": np.tile(np.arange(1, k + 1), data.n_users),
+        "item_id": data.items["item_id"].to_numpy()[items.ravel()],
+        "score": [f"{s:.6g}" for s in scores.ravel()],
+    }).to_csv(path, index=False, lineterminator="\n")
+
+
+def read_candidates(path: Path, data: Any) -> list[list[int]]:
+    """Per user (SplitData order), the candidate item indices in retrieval order."""
+    if not path.is_file():
+        raise RecRankerError(f"{path} not found: run `recranker retrieval` first")
+    frame = pd.read_csv(path, dtype={"user_id": str, "item_id": str})
+    users = pd.Index(data.user_ids.astype(str)).get_indexer(frame["user_id"])
+    items = pd.Index(data.items["item_id"].astype(str)).get_indexer(frame["item_id"])
+    if (users < 0).any() or (items < 0).any():
+        raise RecRankerError(f"{path}: user or item ids that are not in this run's split (a file from another run?)")
+    frame = frame.assign(user=users, item=items).sort_values(["user", "rank"], kind="stable")
+    lists: list[list[int]] = [[] for _ in range(data.n_users)]
+    for user, group in frame.groupby("user"):
+        lists[int(user)] = group["item"].tolist()
+    return lists
+
+
+def write_embeddings(path: Path, users: np.ndarray, items: np.ndarray) -> None:
+    """A ranking model's factors: score(user, item) = items[item] @ users[user]."""
+    np.savez(path, users=users, items=items)
+
+
+def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(user factors, item factors) written by `write_embeddings`."""
+    if not path.is_file():
+        raise RecRankerError(f"{path} not found: run `recranker retrieval` first")
+    embeddings = np.load(path)
+    return embeddings["users"], embeddings["items"]
+
+
+EXPLICIT_MF_ARRAYS = ("user_factors", "item_factors", "user_bias", "item_bias", "mean_rating")
+
+
+def write_explicit_mf(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """The rating model's arrays (`EXPLICIT_MF_ARRAYS`)."""
+    np.savez(path, **{name: arrays[name] for name in EXPLICIT_MF_ARRAYS})
+
+
+def read_explicit_mf(path: Path) -> dict[str, np.ndarray] | None:
+    """The rating model's arrays, or None when the run trained none (no pointwise hints)."""
+    return dict(np.load(path)) if path.is_file() else None
