@@ -12,6 +12,14 @@
 # them; when one fails it stops the others and exits with that process's exit code.
 # A SIGINT/SIGTERM to the script is passed on to every process (the trainer checkpoints on
 # SIGTERM; run the same command again to resume).
+# Before anything starts (dry runs too), a recranker command (`recranker ...` or
+# `PY -m recranker_jax.cli ...`) is checked the way launch/tpu_pod.sh checks it:
+# python -m recranker_jax.launch_check --devices N*D with the command's --config and key=value
+# overrides. Without --config, the stage commands (data, retrieval, instructions, finetune, rank,
+# quickstart) are checked with quickstart, the CLI's default for them; pipeline needs --config
+# (refused here, as the CLI would); other commands, and commands that are not recranker's, start
+# unchecked. A failing check prints its one error: line and exits 2 with nothing started.
+# The check runs with $PYTHON, else the command's own python (the -m form), else python3.
 # --dry-run prints each process's command line with its environment and exits 0.
 # Defaults: N=2, a free port, D=1.
 set -euo pipefail
@@ -46,10 +54,46 @@ is_count "$processes" || fail "-n $processes: expected a positive number of proc
 is_count "$devices" || fail "--devices-per-process $devices: expected a positive number of devices"
 if [[ -n "$port" ]]; then
   [[ "$port" =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || fail "--port $port: expected a port number 1-65535"
-else
-  port=$("${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 logs="${logs:-runs/logs/local-$(date +%Y%m%d-%H%M%S)}"
+
+# The pre-flight check of a recranker command: its config (or the CLI's default) and overrides.
+python="${PYTHON:-python3}"
+case "${1##*/}" in
+  recranker) skip=1 ;;
+  python*) if [[ "${2:-}" == -m && "${3:-}" == recranker_jax.cli ]]; then skip=3 python="${PYTHON:-$1}"; else skip=0; fi ;;
+  *) skip=0 ;;
+esac
+check=0 config="" subcommand="" overrides=()
+if ((skip)); then
+  words=("${@:skip+1}")
+  for ((i = 0; i < ${#words[@]}; i++)); do
+    case "${words[$i]}" in
+      --config) check=1 config="${words[$((i + 1))]:-}"; i=$((i + 1)) ;;
+      --config=*) check=1 config="${words[$i]#--config=}" ;;
+      -*) ;;
+      *=*) overrides+=("${words[$i]}") ;;
+      *) [[ -n "$subcommand" ]] || subcommand="${words[$i]}" ;;
+    esac
+  done
+  if ((!check)); then
+    case "$subcommand" in
+      data|retrieval|instructions|pretrain|finetune|rank|quickstart) check=1 config=quickstart ;;
+      pipeline) fail "recranker pipeline needs --config FILE" ;;
+    esac
+  fi
+fi
+if ((check)); then
+  command -v "$python" >/dev/null || fail "$python: command not found (set PYTHON to a python that has recranker_jax installed)"
+  "$python" -c "import recranker_jax" >/dev/null 2>&1 ||
+    fail "$python cannot import recranker_jax: install the project first (pip install -e . or pip install .)"
+  "$python" -m recranker_jax.launch_check --config "$config" --devices $((processes * devices)) \
+    ${overrides[@]+"${overrides[@]}"} >&2 || exit 2  # its error line is already on stderr
+fi
+if [[ -z "$port" ]]; then
+  command -v "$python" >/dev/null || fail "$python: command not found (set PYTHON to a python, or pass --port P)"
+  port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
 
 environment() {  # the variables of process $1, one NAME=value word each
   printf '%s\n' "RECRANKER_COORDINATOR=127.0.0.1:$port" "RECRANKER_NUM_PROCESSES=$processes" \

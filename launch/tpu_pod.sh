@@ -7,6 +7,7 @@
 #
 # 1. Checks here, before anything starts, that the config's mesh fits the slice's devices
 #    (python -m recranker_jax.launch_check; --accelerator-type v4-32 etc. gives the count).
+#    The check runs with $PYTHON (default python3), which must have the project installed here.
 # 2. Installs the TPU build of JAX and the project on every worker (--install-from PATH: a source
 #    folder, default this repository, copied without runs/ and .git; or --wheel FILE).
 # 3. Copies each --copy SRC:DST (data, a Hugging Face checkpoint) to every worker.
@@ -82,7 +83,11 @@ for ((i = 0; i < ${#command[@]}; i++)); do
     *=*) overrides+=("${command[$i]}") ;;
   esac
 done
-check=("${PYTHON:-python3}" -m recranker_jax.launch_check --devices "$devices")
+python="${PYTHON:-python3}"
+command -v "$python" >/dev/null || fail "$python: command not found (set PYTHON to a python that has recranker_jax installed)"
+"$python" -c "import recranker_jax" >/dev/null 2>&1 ||
+  fail "$python cannot import recranker_jax: install the project first (pip install -e . or pip install .)"
+check=("$python" -m recranker_jax.launch_check --devices "$devices")
 [[ -n "$config" ]] && check+=(--config "$config")
 "${check[@]}" ${overrides[@]+"${overrides[@]}"} >&2 || exit 2  # its error line is already on stderr
 

@@ -1,7 +1,8 @@
 """`recranker <stage> [--config FILE] [key=value ...]`: a thin shell over the library.
 
 Each subcommand loads the config, calls one library function and prints its
-result. A `RecRankerError` becomes one line on stderr and exit code 2.
+result. A `RecRankerError`, an OS error on a path or a file a library cannot read becomes one
+line on stderr and exit code 2 (RECRANKER_DEBUG=1 shows the traceback); Ctrl-C one line and 130.
 """
 
 from __future__ import annotations
@@ -14,37 +15,43 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from recranker_jax import __version__
 from recranker_jax.config import load_config
 from recranker_jax.errors import RecRankerError
 
-def _add_common(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
+def _add_common(parser: argparse.ArgumentParser, default_config: str | None = None, required: bool = False) -> None:
     parser.add_argument(
         "--config",
         default=default_config,
         help="YAML config file, or the name of a bundled config (e.g. quickstart)"
-        + (f"; default {default_config}" if default_config else "; default: built-in defaults"),
+        + ("; required" if required else f"; default {default_config}" if default_config
+           else "; default: built-in defaults"),
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.min_likes=5")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recranker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="recranker", description="RecRanker in JAX. Start with `recranker quickstart`: the whole pipeline on "
+        "the embedded MovieLens, on the CPU; every run lives in run.root/run.name (default ./runs/quickstart).")
+    parser.add_argument("--version", action="version", version=f"recranker-jax {__version__}")
     stages = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = stages.add_parser("data", help="load, inspect and split the ratings")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     stats = data_commands.add_parser("stats", help="dataset and split statistics")
-    _add_common(stats)
+    _add_common(stats, default_config="quickstart")
     stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
     split = data_commands.add_parser("split", help="write train/valid/test/items CSVs")
-    _add_common(split)
+    _add_common(split, default_config="quickstart")
     split.add_argument("--out", help="also copy the CSVs into this folder")
 
     from recranker_jax.pipeline import STAGES
 
     for stage in STAGES.values():
         if stage.name != "data":  # data has its own actions above
-            _add_common(stages.add_parser(stage.name, help=stage.help))
+            text = f"{stage.help} (runs the unfinished stages before it first)"
+            _add_common(stages.add_parser(stage.name, help=text, description=text), default_config="quickstart")
 
     bench = stages.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -116,14 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(plan)
 
     report = stages.add_parser("report", help="write the run's report.md and plots, or compare runs side by side")
-    _add_common(report)
+    _add_common(report, default_config="quickstart")
     report.add_argument("--runs", nargs="+", metavar="DIR", help="compare these run folders in one table instead")
     report.add_argument("--split", default="test", help="split shown in the printed table (test or valid); default test")
 
     quickstart = stages.add_parser("quickstart", help="the whole pipeline on the embedded MovieLens, on the CPU")
     _add_common(quickstart, default_config="quickstart")
     pipeline = stages.add_parser("pipeline", help="every stage for any config")
-    _add_common(pipeline)
+    _add_common(pipeline, required=True)
     return parser
 
 
@@ -259,7 +266,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from recranker_jax.run import RunFolder, read_json
 
     if args.runs:
-        if args.overrides or args.config:
+        if args.overrides or args.config != "quickstart":
             raise RecRankerError("report --runs compares finished run folders; drop --config and key=value overrides")
         print(compare_runs([Path(d) for d in args.runs], args.split))
         return 0
@@ -286,6 +293,23 @@ COMMANDS = {
 }
 
 
+def _file_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean a file or path the user gave (or a run folder holds) is bad, not a bug."""
+    import zipfile
+
+    import pandas.errors
+    from safetensors import SafetensorError
+
+    return (OSError, SafetensorError, zipfile.BadZipFile, pandas.errors.ParserError, pandas.errors.EmptyDataError,
+            UnicodeDecodeError)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "pipeline" and args.config is None:
@@ -293,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     action = getattr(args, "data_command", None) or getattr(args, "bench_command", None)
     handler = COMMANDS.get((args.command, action), cmd_stage)  # the table's stages (parser choices)
+    debug = os.environ.get("RECRANKER_DEBUG") == "1"
     try:
         from recranker_jax.parallel import initialize_distributed, set_xla_flags
 
@@ -300,9 +325,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         initialize_distributed()  # several processes (TPU pod, Slurm, RECRANKER_*): join them first
         return handler(args)
     except RecRankerError as err:
-        message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted; run the same command again to resume (finished stages and training checkpoints "
+              "are kept)", file=sys.stderr)
+        return 130
+    except _file_errors() as err:
+        if debug:
+            raise
+        print(f"error: {_one_line(err)} (RECRANKER_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 def entry_point() -> None:

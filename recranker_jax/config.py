@@ -170,7 +170,8 @@ class PromptsConfig:
       to 1..H (round) or doubled onto 1..2H (double). position_shift / hints:
       the paper's position shifting and prompt enhancement. max_tokens: the
       prompt budget; the oldest history items are dropped first. tokenizer: a
-      local Hugging Face tokenizer or checkpoint folder, or null to train a
+      local Hugging Face tokenizer or checkpoint folder, a `.gguf` file (or
+      `package:<pkg>/<file>`), or null to train a
       byte-level BPE of `tokenizer_vocab_size` on the run's own prompts.
     """
 
@@ -193,7 +194,8 @@ class PromptsConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The ranker LLM: a local Hugging Face LLaMA folder (`checkpoint`), or, when null, a
+    """The ranker LLM: a local Hugging Face LLaMA folder or `.gguf` file (`checkpoint`; also
+    `package:<pkg>/<file>`, a file an installed package ships), or, when null, a
     LLaMA-architecture model trained from scratch with the sizes below (vocabulary from the
     run's tokenizer). `dtype` is the compute dtype, `param_dtype` the stored weights'
     (bfloat16 halves their memory; LoRA adapters and optimizer moments stay float32).
@@ -235,6 +237,7 @@ class TrainConfig:
     (`llm/remat.py`: none, minimal, dots, full, or auto: none on the CPU, dots elsewhere;
     not part of the finetune's cache key, like `model.scan_layers` and `model.attention`)."""
 
+    enabled: bool = True  # false: no instruction tuning (the zero-shot baseline ranks the starting model)
     seq_len: int = 1152
     batch_size: int = 4
     steps: int = 200
@@ -244,8 +247,27 @@ class TrainConfig:
     clip_norm: float = 1.0
     accumulation: int = 1
     save_every: int = 50
+    keep_checkpoint: bool = False  # keep the last training checkpoint once the stage finished (else none)
     remat: Literal["auto", "none", "minimal", "dots", "full"] = "auto"
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Domain pre-training (the pretrain stage, before instruction tuning): a causal-LM
+    objective on every user's training interactions in time order, rendered as the prompts'
+    history lines (`"title": rating`), in windows of at most `window_items` items (each must
+    fit `train.seq_len` tokens); the finetune then starts from this model. It learns what the
+    graph backbone ignores: which items follow which in a history. Off: the finetune starts
+    from `model.checkpoint` or a fresh model. The model, mesh, LoRA and remat are train's."""
+
+    enabled: bool = False
+    window_items: int = 50
+    stride_items: int = 25   # windows start every stride_items items (overlap = window - stride)
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup_steps: int = 30
 
 
 @dataclasses.dataclass
@@ -260,6 +282,13 @@ class RankConfig:
     alphas: hybrid weights of U_point, U_pair, U_list (1:1:1 is the reference's).
     users: hits (only users whose held-out item is among the candidates; the others are
       misses whatever the LLM does) or all.
+    candidates: retrieved (the backbone's top-k: the RecRanker protocol) or planted (the
+      backbone's top k-1 other items plus the held-out item, in backbone score order: every
+      user counts, a powered comparison of re-rankers on the same k items).
+    baselines: non-LLM re-rankers shown as extra methods: transition (item-to-item
+      transitions among training likes), random (a seeded random order: the reference under
+      planted candidates) or any model of retrieval.models but the backbone (its scores on
+      the same candidates); [] for none.
     """
 
     methods: list[str] = dataclasses.field(default_factory=lambda: ["pointwise", "pairwise", "listwise", "hybrid"])
@@ -270,6 +299,8 @@ class RankConfig:
     list_positions: int = 5
     alphas: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
     users: Literal["hits", "all"] = "hits"
+    candidates: Literal["retrieved", "planted"] = "retrieved"
+    baselines: list[str] = dataclasses.field(default_factory=lambda: ["transition", "random"])
     splits: list[str] = dataclasses.field(default_factory=lambda: ["test", "valid"])
     ks: list[int] = dataclasses.field(default_factory=lambda: [3, 5, 10])
     batch_size: int = 16
@@ -288,6 +319,7 @@ class Config:
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     rank: RankConfig = dataclasses.field(default_factory=RankConfig)
 

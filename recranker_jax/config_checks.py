@@ -10,6 +10,7 @@ import math
 import numbers
 import string
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from recranker_jax.errors import RecRankerError
@@ -20,6 +21,7 @@ RETRIEVAL_MODELS = ("lightgcn", "mf", "explicit_mf", "popularity")
 SAMPLING_STRATEGIES = ("uniform", "importance", "cluster", "adaptive")
 TASKS = ("pointwise", "pairwise", "listwise")
 METHODS = (*TASKS, "hybrid")
+TRANSITION, RANDOM = "transition", "random"  # the non-model baselines of rank.baselines
 RANK_SPLITS = ("test", "valid")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -42,6 +44,14 @@ def _positive(section: str, owner: Any, keys: Sequence[str]) -> None:
     for key in keys:
         if getattr(owner, key) < 1:
             raise RecRankerError(f"{section}.{key}={getattr(owner, key)}: expected a positive integer")
+
+
+def check_run(run: Any) -> None:
+    """run.name is one folder inside run.root: not empty, no path separator, not . or .."""
+    name = run.name
+    if not name.strip() or "/" in name or "\\" in name or name in (".", "..") or name != name.strip():
+        raise RecRankerError(f"run.name={name!r}: expected a folder name inside run.root (no '/', not empty, "
+                             "not '.' or '..')")
 
 
 def check_data(data: Any) -> None:
@@ -149,6 +159,16 @@ def check_train(cfg: Any) -> None:
         check_lora(lora.rank, lora.alpha, lora.dropout)
 
 
+def check_pretrain(cfg: Any) -> None:
+    p = cfg.pretrain
+    _positive("pretrain", p, ("steps", "batch_size", "stride_items"))
+    if p.window_items < 2:
+        raise RecRankerError(f"pretrain.window_items={p.window_items}: expected at least 2 (an item and its successor)")
+    if p.stride_items > p.window_items:
+        raise RecRankerError(f"pretrain.stride_items={p.stride_items}: expected at most pretrain.window_items="
+                             f"{p.window_items} (windows would skip items)")
+
+
 def check_rank(cfg: Any) -> None:
     r = cfg.rank
     unknown = [m for m in r.methods if m not in METHODS]
@@ -166,6 +186,41 @@ def check_rank(cfg: Any) -> None:
     if not r.ks or min(r.ks) < 1 or max(r.ks) > cfg.retrieval.candidates:
         raise RecRankerError(f"rank.ks={r.ks}: expected cut-offs between 1 and "
                              f"retrieval.candidates={cfg.retrieval.candidates}")
+    check_baselines(cfg)
+
+
+def check_baselines(cfg: Any) -> None:
+    """rank.baselines: transition, random, or models of retrieval.models other than the backbone,
+    once each."""
+    allowed = [TRANSITION, RANDOM, *(m for m in cfg.retrieval.models if m != cfg.retrieval.backbone)]
+    for name in cfg.rank.baselines:
+        if name not in allowed or cfg.rank.baselines.count(name) > 1:
+            why = "listed twice" if name in allowed else "unknown"
+            raise RecRankerError(f"rank.baselines={cfg.rank.baselines}: {name!r} {why}; expected some of "
+                                 f"{', '.join(allowed)} (transition, random, or a model of retrieval.models but the backbone)")
+
+
+# The local paths a later stage reads from the config, checked before the stages still to run
+# start (data.path needs no early check: the data stage runs first and names what it expected).
+STAGE_PATHS = {"instructions": ("prompts.tokenizer",), "finetune": ("model.checkpoint", "prompts.tokenizer")}
+
+
+def check_paths(cfg: Any, stages: Sequence[str]) -> None:
+    """Every local path these stages read exists (`package:<pkg>/<file>`: the installed package
+    ships the file) and a .gguf one can be read (the gguf package), before any of them runs."""
+    from recranker_jax.model_files import require_gguf, resolve_model_path
+
+    for stage in stages:
+        for dotted in STAGE_PATHS.get(stage, ()):
+            section, key = dotted.split(".")
+            value = getattr(getattr(cfg, section), key)
+            if value is None:
+                continue  # not set: the stage makes do without (or says the key is needed)
+            path: Path = resolve_model_path(value, dotted)
+            if not path.exists():
+                raise RecRankerError(f"{dotted}={value}: no such file or folder")
+            if path.suffix == ".gguf":
+                require_gguf(f"{dotted}={value}")
 
 
 # ----------------------------------------------------------------------------- the mesh
@@ -197,7 +252,8 @@ def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
                                  f"the {n_devices} available devices")
         shape = [n_devices // fixed if s == -1 else s for s in shape]
     if math.prod(shape) != n_devices:
-        raise RecRankerError(f"mesh.shape={list(shape)} needs {math.prod(shape)} devices, but {n_devices} are available")
+        raise RecRankerError(f"mesh.shape={list(shape)} uses {math.prod(shape)} devices, but a mesh must use all "
+                             f"{n_devices} available devices (one entry may be -1: the rest)")
     return tuple(shape)
 
 
@@ -217,10 +273,12 @@ def check_batch(key: str, batch_size: int, rules: Mapping[str, Sequence[str]], s
 
 def check_config(cfg: Any) -> None:
     """Every static check of a whole config (`Config.validate`)."""
+    check_run(cfg.run)
     check_data(cfg.data)
     check_mesh(cfg.mesh.shape, cfg.mesh.axes, cfg.mesh.rules)
     check_retrieval(cfg.retrieval)
     check_sampling(cfg.sampling)
     check_prompts(cfg)
+    check_pretrain(cfg)
     check_train(cfg)
     check_rank(cfg)

@@ -10,3 +10,9 @@ class RecRankerError(Exception):
     """A user-fixable error; its message is one line saying what is wrong and what was expected."""
 
     exit_code = 2
+
+
+class Interrupted(RecRankerError):
+    """The user stopped a stage (Ctrl-C or SIGTERM); what it had saved is kept and it resumes."""
+
+    exit_code = 130

@@ -26,7 +26,6 @@ a checkpoint into the same folder anyway). Only process 0 writes stage folders:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -38,22 +37,27 @@ from typing import Any
 
 from recranker_jax import __version__
 from recranker_jax.config import Config, dump_config, fingerprint
+from recranker_jax.config_checks import check_paths
 from recranker_jax.data.sources import default_thresholds, load_source
 from recranker_jax.data.split import format_stats, split_interactions, write_split
 from recranker_jax.errors import RecRankerError
 from recranker_jax.run import (
-    MARKER,
     DataFolder,
     FinetuneFolder,
     InstructionsFolder,
+    PretrainFolder,
     RankingFolder,
     RetrievalFolder,
     RunFolder,
+    damage,
+    marker_digest,
     read_json,
+    read_marker,
+    write_marker,
 )
 
 # How the model runs, not what it learns: changing these reuses a finished finetune and its checkpoints.
-EXECUTION_SETTINGS = {"model": ("scan_layers", "attention"), "train": ("remat",)}
+EXECUTION_SETTINGS = {"model": ("scan_layers", "attention"), "train": ("remat", "keep_checkpoint")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,8 @@ class Stage:
     build: (cfg, run folder, output folder, progress) -> anything; writes the stage's files.
     collective: every process runs it (it computes on the global mesh), or process 0 alone.
     summary: (cfg, folder, cached) -> what the CLI prints after it.
+    checkpointed: it keeps training state in `RunFolder.checkpoints(name, key)` while unfinished,
+      removed when it finishes (the finetune keeps its last checkpoint with train.keep_checkpoint).
     """
 
     name: str
@@ -75,6 +81,7 @@ class Stage:
     collective: bool
     summary: Callable[[Config, Path, bool], str]
     help: str
+    checkpointed: bool = False
 
 
 def _build_data(cfg: Config, run: RunFolder, out: Path, progress: bool) -> dict[str, Any]:
@@ -104,11 +111,18 @@ def _build_instructions(cfg: Config, run: RunFolder, out: Path, progress: bool) 
     return build_instructions(cfg, run.data.path, run.retrieval.path, out)
 
 
+def _build_pretrain(cfg: Config, run: RunFolder, out: Path, progress: bool) -> dict:
+    from recranker_jax.train.pretrain import build_pretrain
+
+    return build_pretrain(cfg, run.data.path, run.instructions.path, out,
+                          run.checkpoints("pretrain", cache_key(cfg, "pretrain")), progress)
+
+
 def _build_finetune(cfg: Config, run: RunFolder, out: Path, progress: bool) -> dict:
     from recranker_jax.train.stage import build_finetune
 
     return build_finetune(cfg, run.instructions.path, out, run.checkpoints("finetune", cache_key(cfg, "finetune")),
-                          progress)
+                          progress, pretrain_dir=run.pretrain.path)
 
 
 def _build_ranking(cfg: Config, run: RunFolder, out: Path, progress: bool) -> dict:
@@ -144,6 +158,16 @@ def _instructions_summary(cfg: Config, out: Path, cached: bool) -> str:
             f"test prompts by task: {stats['test']['by_task']}; truncated history: {stats['truncated_history']}")
 
 
+def _pretrain_summary(cfg: Config, out: Path, cached: bool) -> str:
+    summary = read_json(PretrainFolder(out).summary)
+    if not summary["enabled"]:
+        return f"[pretrain] {_state(cached)}: off (pretrain.enabled=false)"
+    return (f"[pretrain] {_state(cached)}: {out}\n{summary['documents']} history windows of {summary['users']} users, "
+            f"{summary['tokens']:,} tokens in {summary['packed_rows']} packed rows, {summary['steps']} steps"
+            + (f"; loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} (this call)"
+               if summary["first_loss"] is not None else ""))
+
+
 def _finetune_summary(cfg: Config, out: Path, cached: bool) -> str:
     summary = read_json(FinetuneFolder(out).summary)
     line = (f"{summary['examples']} examples in {summary['packed_rows']} packed rows, {summary['steps']} steps, "
@@ -167,11 +191,14 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("data", None, ("data",), _build_data, False, _data_summary,
           "load and split the ratings"),
     Stage("retrieval", "data", ("retrieval", "run.seed"), _build_retrieval, False, _retrieval_summary,
-          "train LightGCN, MF, explicit MF, popularity; write candidates"),
-    Stage("instructions", "retrieval", ("sampling", "prompts", "run.seed"), _build_instructions, False,
+          "train LightGCN, MF, explicit MF, popularity; write candidates", checkpointed=True),
+    Stage("instructions", "retrieval", ("sampling", "prompts", "rank.candidates", "run.seed"), _build_instructions, False,
           _instructions_summary, "sample users, build the prompts of the three tasks"),
-    Stage("finetune", "instructions", ("model", "train", "run.seed"), _build_finetune, True, _finetune_summary,
-          "instruction-tune the ranker LLM on the run's instructions"),
+    Stage("pretrain", "instructions", ("pretrain", "model", "train.seq_len", "train.lora", "run.seed"), _build_pretrain,
+          True, _pretrain_summary, "domain pre-training: a causal LM on the users' training histories (pretrain.enabled)",
+          checkpointed=True),
+    Stage("finetune", "pretrain", ("model", "train", "run.seed"), _build_finetune, True, _finetune_summary,
+          "instruction-tune the ranker LLM on the run's instructions", checkpointed=True),
     Stage("rank", "finetune", ("rank", "run.seed"), _build_ranking, True, _ranking_summary,
           "re-rank the candidates with the tuned LLM (each task and the hybrid); evaluate"),
 )}
@@ -196,24 +223,49 @@ def cache_key(cfg: Config, name: str) -> str:
 
 def finished_key(folder: Path) -> str | None:
     """The key a stage folder was finished with, or None if it has not finished."""
-    marker = folder / MARKER
-    if not marker.is_file():
-        return None
-    return json.loads(marker.read_text()).get("key")
+    marker = read_marker(folder)
+    return None if marker is None else marker.get("key")
 
 
-def build_cached(folder: Path, key: str, build: Callable[[Path], Any]) -> tuple[Path, bool]:
-    """Build a stage into `folder` unless it already finished with `key`; returns (folder, was_cached)."""
-    if finished_key(folder) == key:
+def stale(folder: Path, key: str, inputs: dict[str, str]) -> str | None:
+    """Why a stage folder cannot be reused for `key` and these upstream digests: "unfinished",
+    "another key" (a changed config), or a line saying what changed since it finished; None
+    when it can."""
+    marker = read_marker(folder)
+    if marker is None:
+        return "unfinished"
+    if marker.get("key") != key:
+        return "another key"
+    changed = [name for name, digest in inputs.items() if marker.get("inputs", {}).get(name, digest) != digest]
+    if changed:
+        return f"{folder}: the {', '.join(changed)} stage's output changed since this stage was built from it"
+    return damage(folder, marker)
+
+
+def build_cached(folder: Path, key: str, build: Callable[[Path], Any], config: dict | None = None,
+                 inputs: dict[str, str] | None = None) -> tuple[Path, bool]:
+    """Build a stage into `folder` unless it finished with `key` from the same upstream outputs
+    (`inputs`: stage -> digest) and its files are as it left them; returns (folder, was_cached).
+
+    The build writes into a hidden partial folder, removed if it fails; on success the marker
+    records the key, `config` (the config that built it), the inputs and the files' manifest,
+    and the folder replaces the old one."""
+    inputs = inputs or {}
+    reason = stale(folder, key, inputs)
+    if reason is None:
         return folder, True
+    if reason not in ("unfinished", "another key"):
+        print(f"recranker: {reason}; rebuilding {folder.name}", file=sys.stderr)
     partial = folder.parent / f".{folder.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     started = time.time()
-    build(partial)
-    (partial / MARKER).write_text(
-        json.dumps({"key": key, "seconds": round(time.time() - started, 3), "version": __version__}) + "\n"
-    )
+    try:
+        build(partial)
+        write_marker(partial, key, time.time() - started, __version__, config or {}, inputs)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     previous = folder.parent / f".{folder.name}.previous"
     shutil.rmtree(previous, ignore_errors=True)
     if folder.exists():
@@ -230,54 +282,91 @@ def several_processes() -> bool:
     return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
-def prepare_run_dir(cfg: Config) -> RunFolder:
-    """Create runs/<name>/ and record the config the run was (last) invoked with."""
-    run = RunFolder.of(cfg)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.config.write_text(dump_config(cfg))
-    return run
+def upstream_digests(cfg: Config, name: str) -> dict[str, str]:
+    """The digests of every finished stage `name` reads, directly or through its upstream."""
+    digests, upstream = {}, STAGES[name].upstream
+    while upstream:
+        marker = read_marker(RunFolder.of(cfg).stage(upstream))
+        if marker is not None:
+            digests[upstream] = marker_digest(marker)
+        upstream = STAGES[upstream].upstream
+    return digests
+
+
+def _build_stage(cfg: Config, stage: Stage, progress: bool) -> tuple[Path, bool]:
+    """`build_cached` for one stage of the run; a stage that finishes records the run's config.yaml."""
+    run_folder = RunFolder.of(cfg)
+    run_folder.path.mkdir(parents=True, exist_ok=True)
+    folder, cached = build_cached(run_folder.stage(stage.name), cache_key(cfg, stage.name),
+                                  lambda out: stage.build(cfg, run_folder, out, progress), cfg.to_dict(),
+                                  upstream_digests(cfg, stage.name))
+    if not cached:  # the config in the run folder is the one that built what is there
+        run_folder.config.write_text(dump_config(cfg))
+        if stage.checkpointed:
+            _drop_checkpoints(run_folder.checkpoints(stage.name, cache_key(cfg, stage.name)),
+                              keep_last=stage.name == "finetune" and cfg.train.keep_checkpoint)
+    return folder, cached
+
+
+def _drop_checkpoints(folder: Path, keep_last: bool) -> None:
+    """A finished stage's training checkpoints: all removed, or all but the newest step."""
+    steps = sorted((p for p in folder.glob("*") if p.name.isdigit()), key=lambda p: int(p.name)) if folder.is_dir() else []
+    if not keep_last:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for step in steps[:-1]:
+        shutil.rmtree(step, ignore_errors=True)
 
 
 def run(cfg: Config, name: str, progress: bool = True) -> tuple[Path, bool]:
     """Stage `name` of the run (and, first, every unfinished stage before it); returns
-    (its folder, whether it was cached)."""
+    (its folder, whether it was cached). The config's paths of the stages still to run are
+    checked before any runs."""
+    chain = [name]
+    while STAGES[chain[-1]].upstream:
+        chain.append(STAGES[chain[-1]].upstream)
+    run_folder = RunFolder.of(cfg)
+    check_paths(cfg, [s for s in chain if finished_key(run_folder.stage(s)) != cache_key(cfg, s)])
+    return _run(cfg, name, progress)
+
+
+def _run(cfg: Config, name: str, progress: bool) -> tuple[Path, bool]:
     stage = STAGES[name]
     if several_processes() and not stage.collective:
         return _process_zero_stage(cfg, stage)
     if stage.upstream:
-        run(cfg, stage.upstream, progress)
-    folder, key = RunFolder.of(cfg).stage(name), cache_key(cfg, name)
-    if not stage.collective:
-        prepared = prepare_run_dir(cfg)
-        return build_cached(folder, key, lambda out: stage.build(cfg, prepared, out, progress))
-    return _collective_stage(cfg, stage, folder, key, progress)
+        _run(cfg, stage.upstream, progress)
+    if not stage.collective or not several_processes():
+        return _build_stage(cfg, stage, progress)
+    return _collective_stage(cfg, stage, progress)
 
 
 def _process_zero_stage(cfg: Config, stage: Stage) -> tuple[Path, bool]:
     """A single-process stage when this process is one of several (module docstring)."""
     from recranker_jax.parallel import broadcast_text, is_primary, on_primary
 
-    folder, key = RunFolder.of(cfg).stage(stage.name), cache_key(cfg, stage.name)
+    folder = RunFolder.of(cfg).stage(stage.name)
 
     def build_in_child() -> bool:
-        if finished_key(folder) == key:
+        if stale(folder, cache_key(cfg, stage.name), upstream_digests(cfg, stage.name)) is None:
             return True
-        prepared = prepare_run_dir(cfg)
+        folder.parent.mkdir(parents=True, exist_ok=True)
         host = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, shape=[-1] + [1] * (len(cfg.mesh.axes) - 1)))
-        config_file = prepared.path / f".{stage.name}-child.yaml"
+        config_file = folder.parent / f".{stage.name}-child.yaml"
         config_file.write_text(dump_config(host))
         command = [sys.executable, "-m", "recranker_jax.pipeline", stage.name, str(config_file)]
         env = {**os.environ, "RECRANKER_DISTRIBUTED": "off", "JAX_PLATFORMS": "cpu"}
         code = subprocess.run(command, check=False, env=env, stdout=subprocess.DEVNULL).returncode
         config_file.unlink()
-        prepare_run_dir(cfg)  # the child recorded its own config.yaml
         if code:
             raise RecRankerError(f"the {stage.name} stage failed in the single-process child of process 0 (exit code "
                                  f"{code}); its error is printed above in process 0's log")
+        RunFolder.of(cfg).config.write_text(dump_config(cfg))  # the user's config, not the child's host mesh
         return False
 
     cached = on_primary(f"the {stage.name} stage", build_in_child)
     cached = broadcast_text(f"was the {stage.name} stage cached", str(cached) if is_primary() else None) == "True"
+    key = cache_key(cfg, stage.name)
     for _ in range(30):  # a network filesystem may show another host's new files a little late
         if finished_key(folder) == key:
             return folder, cached
@@ -288,18 +377,16 @@ def _process_zero_stage(cfg: Config, stage: Stage) -> tuple[Path, bool]:
     )
 
 
-def _collective_stage(cfg: Config, stage: Stage, folder: Path, key: str, progress: bool) -> tuple[Path, bool]:
-    """A stage every process takes part in (module docstring); one process: `build_cached`."""
-    if not several_processes():
-        prepared = prepare_run_dir(cfg)
-        return build_cached(folder, key, lambda out: stage.build(cfg, prepared, out, progress))
+def _collective_stage(cfg: Config, stage: Stage, progress: bool) -> tuple[Path, bool]:
+    """A stage every process of several takes part in (module docstring)."""
     import jax
 
     from recranker_jax.parallel import broadcast_text, is_primary, on_primary
 
     run_folder = RunFolder.of(cfg)
-    finished = finished_key(folder) == key if is_primary() else None
-    if broadcast_text(f"is the {stage.name} stage cached", str(finished)) == "True":
+    folder = run_folder.stage(stage.name)
+    reusable = stale(folder, cache_key(cfg, stage.name), upstream_digests(cfg, stage.name)) is None if is_primary() else None
+    if broadcast_text(f"is the {stage.name} stage cached", str(reusable)) == "True":
         return folder, True
 
     def build_in_scratch() -> None:
@@ -311,8 +398,7 @@ def _collective_stage(cfg: Config, stage: Stage, folder: Path, key: str, progres
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    on_primary(f"the {stage.name} stage", lambda: build_cached(
-        folder, key, lambda out: stage.build(cfg, prepare_run_dir(cfg), out, progress)), others=build_in_scratch)
+    on_primary(f"the {stage.name} stage", lambda: _build_stage(cfg, stage, progress), others=build_in_scratch)
     return folder, False
 
 

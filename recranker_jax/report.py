@@ -12,7 +12,12 @@ from pathlib import Path
 from recranker_jax.errors import RecRankerError
 from recranker_jax.run import RunFolder
 
-METHOD_ORDER = ("backbone", "pointwise", "pairwise", "listwise", "hybrid")
+# The backbone order, the non-LLM controls (rank.baselines), then the LLM's methods.
+METHOD_ORDER = ("backbone", "random", "transition", "lightgcn", "mf", "explicit_mf", "popularity",
+                "pointwise", "pairwise", "listwise", "hybrid")
+PLANTED = ("planted evaluation: each user's candidates are the backbone's best other items plus the held-out item, "
+           "in backbone score order, so every user counts (not the RecRanker protocol; the backbone order keeps its "
+           "protocol HR@j and NDCG@j below the last position)")
 RETRIEVAL_COLUMNS = ("recall@10", "ndcg@10", "hr@10", "protocol_hr@3", "protocol_ndcg@3", "protocol_hr@5", "protocol_ndcg@5")
 
 
@@ -29,6 +34,22 @@ def load_ranking_metrics(run_dir: Path) -> dict:
     if not path.is_file():
         raise RecRankerError(f"run folder {run_dir} has no ranking/metrics.json; run `recranker rank` for it first")
     return _read_json(path)
+
+
+def candidate_set(metrics_json: dict) -> str:
+    """Which candidates a run ranked: retrieved (the RecRanker protocol) or planted."""
+    return metrics_json.get("candidates", "retrieved")
+
+
+def _baselines_note(metrics_json: dict) -> list[str]:
+    names = metrics_json.get("baselines") or []
+    if not names:
+        return []
+    fixed = {"transition": ("transition (item-to-item transitions among training likes, window 5, summed from "
+                            "the user's last 10 likes; the backbone order breaks ties)"),
+             "random": "random (a seeded random order: what re-ranking without any information scores)"}
+    described = [fixed.get(n, f"{n} ({n}'s own scores of the same candidates)") for n in names]
+    return [f"Non-LLM controls, re-ordering the same candidates without the LLM: {'; '.join(described)}.", ""]
 
 
 def _split(metrics_json: dict, split: str, source: str = "ranking metrics") -> dict:
@@ -124,13 +145,19 @@ def _retrieval_section(retrieval: dict) -> list[str]:
     return lines
 
 
-def _split_section(name: str, result: dict) -> list[str]:
+def _split_section(name: str, result: dict, candidates: str = "retrieved") -> list[str]:
+    who = (f"{result['users']} users, all with the held-out item among the candidates ({PLANTED})."
+           if candidates == "planted" else
+           f"{result['users']} users; {result['hit_users']} have the held-out item among the candidates "
+           "(every other user is a miss whatever the re-ranker does).")
+    if candidates == "planted" and result.get("held_out_last") is not None:
+        who += (f" The backbone order puts the held-out item last for {result['held_out_last']} of them (for the "
+                "others it is among the backbone's top k-1), so a re-ranker gains against the backbone order merely "
+                "by disagreeing with it: compare with the random order.")
     lines = [
-        f"## Split: {name}",
+        f"## Split: {name}" + (" (planted evaluation)" if candidates == "planted" else ""),
         "",
-        (f"{result['users']} users; {result['hit_users']} have the held-out item among the candidates "
-         "(every other user is a miss whatever the re-ranker does). "
-         f"Intervals: 95% percentile bootstrap over users ({result.get('bootstrap', '?')} resamples)."),
+        f"{who} Intervals: 95% percentile bootstrap over users ({result.get('bootstrap', '?')} resamples).",
         "",
         _metrics_table(result),
         "",
@@ -196,14 +223,18 @@ def write_report(run_dir: Path) -> Path:
     if not splits:
         raise RecRankerError(f"{run.ranking.metrics}: no splits; run `recranker rank` again")
     lines = [f"# RecRanker report: {run_dir.name}", ""]
-    lines.append(f"Re-ranking mode: {ranking.get('mode', '?')}. HR@k and NDCG@k of retrieve-top-k-then-re-rank "
+    candidates = candidate_set(ranking)
+    what = ("the planted evaluation, not the RecRanker protocol" if candidates == "planted"
+            else "retrieve-top-k-then-re-rank (the RecRanker protocol)")
+    lines.append(f"Re-ranking mode: {ranking.get('mode', '?')}. Candidates: {candidates}. HR@k and NDCG@k of {what} "
                  "over all users; NDCG@k = 1 / log2(rank + 1) for a hit at rank <= k.")
     lines.append("")
+    lines += _baselines_note(ranking)
     if run.retrieval.metrics.is_file():
         lines += ["## Retrieval", ""] + _retrieval_section(_read_json(run.retrieval.metrics)) + [""]
     ordered = [s for s in ("test", "valid") if s in splits] + [s for s in splits if s not in ("test", "valid")]
     for split in ordered:
-        lines += _split_section(split, splits[split])
+        lines += _split_section(split, splits[split], candidates)
     if run.finetune.summary.is_file():
         lines += ["## Instruction tuning", "", _key_value_table(_read_json(run.finetune.summary)), ""]
     lines += ["## Config", ""]
@@ -212,7 +243,7 @@ def write_report(run_dir: Path) -> Path:
     run.report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     shutil.copyfile(run.ranking.metrics, run.metrics)
     plot_metrics(splits[ordered[0]], run.plots / "metrics.png",
-                 f"{run_dir.name}: {ordered[0]} split, {splits[ordered[0]]['users']} users")
+                 f"{run_dir.name}: {ordered[0]} split, {splits[ordered[0]]['users']} users, {candidates} candidates")
     return run.report
 
 
@@ -226,7 +257,10 @@ def format_table(metrics_json: dict, split: str = "test") -> str:
     name_width = max(len(m) for m in cells) + 2
     lines = [f"{'method':<{name_width}}" + "".join(f"{_label(n):>{width}}" for n in names)]
     lines += [f"{m:<{name_width}}" + "".join(f"{c:>{width}}" for c in row) for m, row in cells.items()]
-    lines.append(f"{split}: {result['users']} users, {result['hit_users']} with the held-out item among the candidates")
+    if candidate_set(metrics_json) == "planted":
+        lines.append(f"{split}: {result['users']} users, planted candidates ({PLANTED})")
+    else:
+        lines.append(f"{split}: {result['users']} users, {result['hit_users']} with the held-out item among the candidates")
     for method in _methods(result):
         paired = result["methods"][method].get("paired")
         if paired:
@@ -237,19 +271,27 @@ def format_table(metrics_json: dict, split: str = "test") -> str:
 
 
 def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
-    """One markdown table, a row per (run, method), for ablations side by side."""
+    """One markdown table, a row per (run, method), for ablations side by side; the candidates
+    column says whether a run used the retrieved candidates (the protocol) or planted ones."""
     run_dirs = [Path(d) for d in run_dirs]
-    results = [(d, _split(load_ranking_metrics(d), split, str(RunFolder(d).ranking.metrics))) for d in run_dirs]
+    documents = [load_ranking_metrics(d) for d in run_dirs]
+    results = [(d, _split(m, split, str(RunFolder(d).ranking.metrics))) for d, m in zip(run_dirs, documents)]
     names_seen = [d.name for d in run_dirs]
     names: list[str] = []
     for _, result in results:
         names += [n for n in _metric_names(result) if n not in names]
     names.sort(key=lambda n: (int(n.split("@")[1]), n.split("@")[0] != "hr"))
+    first_k = int(names[0].split("@")[1])
     rows = []
-    for run_dir, result in results:
+    for (run_dir, result), document in zip(results, documents):
         run = run_dir.name if names_seen.count(run_dir.name) == 1 else str(run_dir)
         for method in _methods(result):
             entry = result["methods"][method]
-            rows.append([run, method, str(entry["conditional"]["users"])]
-                        + [_with_interval(entry["metrics"].get(n), entry["intervals"].get(n)) for n in names])
-    return _markdown(["run", "method", "hit users"] + [_label(n) for n in names], rows)
+            test = entry.get("paired", {}).get(f"ndcg@{first_k}", {})
+            paired = ("–" if test.get("difference") is None
+                      else f"{_signed(test['difference'])} (p = {_value(test.get('p_value'), 3)})")
+            rows.append([run, candidate_set(document), method, str(entry["conditional"]["users"])]
+                        + [_with_interval(entry["metrics"].get(n), entry["intervals"].get(n)) for n in names]
+                        + [paired])
+    return _markdown(["run", "candidates", "method", "hit users"] + [_label(n) for n in names]
+                     + [f"ΔNDCG@{first_k} vs backbone (p)"], rows)

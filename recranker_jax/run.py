@@ -2,13 +2,14 @@
 writers of the files one stage hands to the next. The file formats are the public contract
 (outside tools read them); the stages, the report, the CLI and the benchmarks use only this.
 
-    runs/<name>/config.yaml  data/  retrieval/  instructions/  finetune/  ranking/
+    runs/<name>/config.yaml  data/  retrieval/  instructions/  pretrain/  finetune/  ranking/
                 checkpoints/<stage>-<key>/  metrics.json  report.md  plots/
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +22,8 @@ from recranker_jax.errors import RecRankerError
 
 SPLITS = ("test", "valid")  # the held-out items a run ranks and evaluates
 SPLIT_FILES = ("train.csv", "valid.csv", "test.csv", "items.csv")
-MARKER = "_stage.json"  # in a stage folder: it finished, with this cache key
+MARKER = "_stage.json"  # in a stage folder: it finished, with this cache key, config and file manifest
+WHOLE_HASH_BYTES = 64 * 2**20  # larger files are fingerprinted by size and their first and last MiB
 
 
 def _checked(split: str) -> str:
@@ -67,6 +69,11 @@ class RetrievalFolder:
     def candidates(self, split: str) -> Path:
         return self.path / _split_file("candidates", split, "csv")
 
+    def planted(self, split: str) -> Path:
+        """The planted evaluation's candidates (`rank.candidates=planted`): the backbone's top
+        k-1 other items plus the split's held-out item, in backbone score order."""
+        return self.path / _split_file("candidates_planted", split, "csv")
+
     def model(self, name: str) -> Path:
         """A model's folder: params/ (Orbax) and, for ranking models, embeddings.npz."""
         return self.path / name
@@ -99,6 +106,26 @@ class InstructionsFolder:
     @property
     def stats(self) -> Path:
         return self.path / "stats.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainFolder:
+    """pretrain/: the domain-pre-trained model (a Hugging Face folder) and its training log;
+    only summary.json when pre-training is off."""
+
+    path: Path
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / "train_log.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +169,8 @@ class RankingFolder:
 
 
 # Each stage's folder under runs/<name>/ (the rank stage's is "ranking").
-STAGE_FOLDERS = {"data": "data", "retrieval": "retrieval", "instructions": "instructions", "finetune": "finetune",
-                 "rank": "ranking"}
+STAGE_FOLDERS = {"data": "data", "retrieval": "retrieval", "instructions": "instructions", "pretrain": "pretrain",
+                 "finetune": "finetune", "rank": "ranking"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +202,10 @@ class RunFolder:
     @property
     def instructions(self) -> InstructionsFolder:
         return InstructionsFolder(self.stage("instructions"))
+
+    @property
+    def pretrain(self) -> PretrainFolder:
+        return PretrainFolder(self.stage("pretrain"))
 
     @property
     def finetune(self) -> FinetuneFolder:
@@ -278,3 +309,69 @@ def write_explicit_mf(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def read_explicit_mf(path: Path) -> dict[str, np.ndarray] | None:
     """The rating model's arrays, or None when the run trained none (no pointwise hints)."""
     return dict(np.load(path)) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- the stage marker
+
+def file_digest(path: Path) -> str:
+    """sha256 of the file, or, above `WHOLE_HASH_BYTES`, of its size and first and last MiB
+    ("partial:" prefix): cheap enough to check a 7B model on every reuse, and a truncated or
+    rewritten file still shows."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if size <= WHOLE_HASH_BYTES:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+            return digest.hexdigest()
+        digest.update(str(size).encode())
+        digest.update(handle.read(2**20))
+        handle.seek(size - 2**20)
+        digest.update(handle.read(2**20))
+    return "partial:" + digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, list]:
+    """Every file under a stage folder but its marker: relative path -> [size, digest]."""
+    return {str(path.relative_to(folder)): [path.stat().st_size, file_digest(path)]
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MARKER}
+
+
+def write_marker(folder: Path, key: str, seconds: float, version: str, config: dict, inputs: dict[str, str]) -> None:
+    """The marker of a finished stage: its key, build time, the config that built it, the
+    digests of the upstream stages it read (`inputs`) and the manifest of its files."""
+    write_json(folder / MARKER, {"key": key, "seconds": round(seconds, 3), "version": version, "inputs": inputs,
+                                 "files": manifest(folder), "config": config})
+
+
+def read_marker(folder: Path) -> dict | None:
+    """A stage folder's marker, or None when the stage has not finished (or the marker is unreadable)."""
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def marker_digest(marker: dict) -> str:
+    """One digest of a finished stage's files (what a downstream stage records as its input)."""
+    return hashlib.sha256(json.dumps(marker.get("files", {}), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def damage(folder: Path, marker: dict) -> str | None:
+    """The first difference between a finished stage's files and its manifest, or None."""
+    recorded = marker.get("files")
+    if recorded is None:
+        return None  # finished by a version that kept no manifest
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER}
+    for name in sorted(set(recorded) | present):
+        path = folder / name
+        if name not in present:
+            return f"{path} is missing"
+        if name not in recorded:
+            return f"{path} was added after the stage finished"
+        size, digest = recorded[name]
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} when the stage finished"
+        if file_digest(path) != digest:
+            return f"{path} changed after the stage finished"
+    return None

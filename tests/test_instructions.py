@@ -187,6 +187,13 @@ def test_history_budget_drops_the_oldest_items_and_counts_it(synthetic_run):
         assert length <= 120 + 1  # +1: the BOS the budget check counts once
 
 
+def test_a_budget_no_prompt_fits_even_without_history_is_an_error_naming_the_tokens_needed(synthetic_run):
+    with pytest.raises(RecRankerError, match=r"prompts.max_tokens=20: \d+ prompts do not fit even with no history "
+                                             r"\(the longest has (\d+) tokens without it\); set prompts.max_tokens "
+                                             r"to at least \1$"):
+        build(synthetic_run, "tiny-budget", "prompts.max_tokens=20", "prompts.tasks=[pointwise]", "rank.methods=[pointwise]")
+
+
 def test_configuration_mistakes_are_one_line_errors(synthetic_run, tmp_path, capsys):
     with pytest.raises(RecRankerError, match=r"prompts.templates.pairwise_question: placeholder \{second\} is missing"):
         build(synthetic_run, "bad", "prompts.templates.pairwise_question=Prefer {first}? {hint}Answer:")

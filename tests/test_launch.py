@@ -85,7 +85,8 @@ def test_the_cli_refuses_bad_variables_before_any_stage(tmp_path, monkeypatch, c
 def test_check_mesh_fits_resolves_the_mesh_and_the_batch(capsys):
     assert check_mesh_fits("quickstart", ["mesh.shape=[2,-1,1]", "train.batch_size=8"], 8) == (
         "ok: mesh (2, 4, 1) over (data, fsdp, tensor) on 8 devices")
-    with pytest.raises(RecRankerError, match=r"^mesh.shape=\[4, 4, 1\] needs 16 devices, but 8 are available$"):
+    with pytest.raises(RecRankerError, match=r"^mesh.shape=\[4, 4, 1\] uses 16 devices, but a mesh must use all 8 available devices "
+                                             r"\(one entry may be -1: the rest\)$"):
         check_mesh_fits("quickstart", ["mesh.shape=[4,4,1]"], 8)
     with pytest.raises(RecRankerError, match=r"^train.batch_size=4 must be a multiple of the 8 batch shards of the mesh "
                                              r"\(data=8, fsdp=1, tensor=1\)"):
@@ -111,15 +112,16 @@ def script(name: str, *args: str, cwd: Path, **env: str) -> subprocess.Completed
 
 def test_local_dry_run_prints_each_process_with_its_environment(tmp_path):
     done = script("local_multiprocess.sh", "--dry-run", "-n", "3", "--port", "4567", "--devices-per-process", "2",
-                  "--logs", "my logs", "--", "recranker", "finetune", "--config", "c.yaml", "train.lora.targets=[q, v]",
-                  cwd=tmp_path)
+                  "--logs", "my logs", "--", "recranker", "finetune", "--config", "quickstart", "train.lora.targets=[q, v]",
+                  "train.batch_size=6", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         f"RECRANKER_COORDINATOR=127.0.0.1:4567 RECRANKER_NUM_PROCESSES=3 RECRANKER_PROCESS_ID={i} "
-        "XLA_FLAGS=--xla_force_host_platform_device_count=2 recranker finetune --config c.yaml "
-        f"'train.lora.targets=[q, v]' > 'my logs/process-{i}.log' 2>&1"
+        "XLA_FLAGS=--xla_force_host_platform_device_count=2 recranker finetune --config quickstart "
+        f"'train.lora.targets=[q, v]' train.batch_size=6 > 'my logs/process-{i}.log' 2>&1"
         for i in range(3)
     ]
+    assert done.stderr == "ok: mesh (6, 1, 1) over (data, fsdp, tensor) on 6 devices\n"  # 3 processes x 2 devices
     assert not any(tmp_path.iterdir())  # a dry run starts and writes nothing
 
 
@@ -178,7 +180,7 @@ def test_tpu_pod_dry_run_installs_copies_and_starts_on_every_worker(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--worker", "0"], "error: --worker=0: a multi-host TPU program must start on every worker at once"),
     (["--accelerator-type", "v5litepod-16", "mesh.shape=[32,1,1]"],
-     "error: mesh.shape=[32, 1, 1] needs 32 devices, but 16 are available"),
+     "error: mesh.shape=[32, 1, 1] uses 32 devices, but a mesh must use all 16 available devices"),
     (["--devices", "8", "mesh.shape=[-1,1,1]"], "error: train.batch_size=4 must be a multiple of the 8 batch shards"),
     (["--accelerator-type", "v9-8"], "error: --accelerator-type v9-8: unknown generation v9"),
     (["--wheel", "a.whl", "--install-from", "."], "error: --install-from and --wheel: give one of them"),
@@ -269,3 +271,115 @@ def test_accelerator_check_gives_each_part_what_is_left_of_the_budget(tmp_path):
     assert summary[4:] == ["train-7b-lora-remat-full: skipped (budget spent)", "rank-7b-torch: skipped (budget spent)"]
     assert (out / "environment.txt").read_text().count("stand-in") == 1
     assert (out / "train-7b-lora-xla.log").read_text().startswith("table of -m recranker_jax.cli bench train")
+
+
+# ----------------------------------------------------------------------------- pre-flight checks of the launchers
+
+
+def stand_in(folder: Path, name: str, body: str) -> Path:
+    """An executable bash script `folder/name`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("args, message", [
+    (["-n", "2", "--devices-per-process", "4", "--", "recranker", "finetune", "train.batch_size=4"],  # default quickstart
+     "error: train.batch_size=4 must be a multiple of the 8 batch shards of the mesh (data=8, fsdp=1, tensor=1)"),
+    (["-n", "3", "--", "python", "-m", "recranker_jax.cli", "rank", "--config=quickstart", "mesh.shape=[4,-1,1]"],
+     "error: mesh.shape=[4, -1, 1]: the fixed axes (4 devices) do not divide the 3 available devices"),
+    (["--", "recranker", "finetune", "--config", "missing.yaml"],
+     "error: config file missing.yaml not found; pass a YAML path or one of: "),
+    (["--", "recranker", "pipeline", "run.root=runs"], "error: recranker pipeline needs --config FILE"),
+])
+def test_local_launcher_checks_a_recranker_command_before_starting(tmp_path, dry_run, args, message):
+    """The same pre-flight check as tpu_pod.sh, on processes x devices-per-process devices, in dry
+    and real runs: one error line, exit 2, no log folder, no process (the stand-in writes a file)."""
+    bin_dir = tmp_path / "bin"
+    stand_in(bin_dir, "recranker", 'echo started > "$MARKER"')
+    work = tmp_path / "work"
+    work.mkdir()
+    done = script("local_multiprocess.sh", *(["--dry-run"] if dry_run else []), "--port", "4567", *args, cwd=work,
+                  PATH=f"{bin_dir}:{os.environ['PATH']}", MARKER=str(tmp_path / "marker"))
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    assert not any(work.iterdir()) and not (tmp_path / "marker").exists()
+
+
+def test_local_launcher_checks_stage_commands_with_the_cli_default_config(tmp_path):
+    """Without --config, every stage command is checked with quickstart, the config the CLI gives it;
+    other commands (and commands that are not recranker's) start unchecked."""
+    from recranker_jax.cli import build_parser
+    from recranker_jax.pipeline import STAGES
+
+    stages = [["data", "stats"] if name == "data" else [name] for name in STAGES] + [["quickstart"]]
+    for words in stages:
+        assert build_parser().parse_args(words).config == "quickstart", words  # what the script assumes
+        options = ("--dry-run", "-n", "2", "--devices-per-process", "4", "--port", "4567", "--", "recranker", *words)
+        refused = script("local_multiprocess.sh", *options, cwd=tmp_path)
+        assert refused.returncode == 2 and refused.stdout == "", (words, refused.stderr)
+        assert refused.stderr == ("error: train.batch_size=4 must be a multiple of the 8 batch shards of the mesh "
+                                  "(data=8, fsdp=1, tensor=1)\n"), words
+        fits = script("local_multiprocess.sh", *options, "train.batch_size=8", cwd=tmp_path)
+        assert fits.returncode == 0 and len(fits.stdout.splitlines()) == 2, (words, fits.stderr)
+        assert fits.stderr == "ok: mesh (8, 1, 1) over (data, fsdp, tensor) on 8 devices\n", words
+    for command in (["recranker", "bench", "compare", "a.json"], ["recranker", "plan"], ["recranker", "--version"],
+                    ["bash", "train.sh", "--config", "missing.yaml"], ["python", "-m", "other.cli", "--config", "missing.yaml"]):
+        done = script("local_multiprocess.sh", "--dry-run", "-n", "8", "--port", "4567", "--", *command, cwd=tmp_path)
+        assert done.returncode == 0 and done.stderr == "" and len(done.stdout.splitlines()) == 8, (command, done.stderr)
+    assert not any(tmp_path.iterdir())
+
+
+def test_local_launcher_starts_the_processes_after_a_passing_check(tmp_path):
+    bin_dir = tmp_path / "bin"
+    recranker = stand_in(bin_dir, "recranker", 'echo "$RECRANKER_PROCESS_ID $XLA_FLAGS $*"')
+    done = script("local_multiprocess.sh", "-n", "2", "--devices-per-process", "4", "--logs", "logs", "--", str(recranker),
+                  "finetune", "--config", "quickstart", "train.batch_size=8", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == "ok: mesh (8, 1, 1) over (data, fsdp, tensor) on 8 devices"  # before anything starts
+    assert lines[1].startswith("started 2 processes (coordinator 127.0.0.1:")
+    assert [(tmp_path / "logs" / f"process-{i}.log").read_text() for i in (0, 1)] == [
+        f"{i} --xla_force_host_platform_device_count=4 finetune --config quickstart train.batch_size=8\n" for i in (0, 1)]
+
+
+@pytest.fixture
+def python_without_the_project(tmp_path) -> Path:
+    """A real python that cannot import recranker_jax: -I ignores PYTHONPATH and the working folder,
+    -S the site-packages where the project is installed."""
+    return stand_in(tmp_path / "bin", "python3", f'exec {sys.executable} -I -S "$@"')
+
+
+def launchers_checking() -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Each launcher's dry run that reaches the pre-flight check: arguments and environment."""
+    return {
+        "tpu_pod.sh": (["--name", "pod", "--zone", "z", "--devices", "8", "--dry-run", "--", "recranker", "pipeline",
+                        "--config", "quickstart", "train.batch_size=8"], {}),
+        "gpu_slurm.sbatch": (["--dry-run"], {"CONFIG": "quickstart", "NODES": "1", "GPUS_PER_NODE": "4"}),
+        "local_multiprocess.sh": (["--dry-run", "--", "recranker", "finetune", "--config", "quickstart"], {}),
+    }
+
+
+@pytest.mark.parametrize("name", ["tpu_pod.sh", "gpu_slurm.sbatch", "local_multiprocess.sh"])
+def test_launchers_refuse_a_python_without_the_project_in_one_line(tmp_path, python_without_the_project, name):
+    args, env = launchers_checking()[name]
+    done = script(name, *args, cwd=tmp_path, PYTHON=str(python_without_the_project), **env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (f"error: {python_without_the_project} cannot import recranker_jax: install the project first "
+                           "(pip install -e . or pip install .)\n")  # no ModuleNotFoundError traceback
+    missing = script(name, *args, cwd=tmp_path, PYTHON=str(tmp_path / "no-python"), **env)
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr == (f"error: {tmp_path / 'no-python'}: command not found (set PYTHON to a python that has "
+                              "recranker_jax installed)\n")
+    works = script(name, *args, cwd=tmp_path, **env)  # the same run with the project's python: checked, printed
+    assert works.returncode == 0 and works.stdout and works.stderr.startswith("ok: mesh "), works.stderr
+
+
+def test_local_launcher_needs_the_project_only_for_recranker_commands(tmp_path, python_without_the_project):
+    done = script("local_multiprocess.sh", "-n", "2", "--logs", "logs", "--", "bash", "-c", "echo $RECRANKER_PROCESS_ID",
+                  cwd=tmp_path, PYTHON=str(python_without_the_project))  # it still picks the free port
+    assert done.returncode == 0, done.stderr
+    assert [(tmp_path / "logs" / f"process-{i}.log").read_text() for i in (0, 1)] == ["0\n", "1\n"]

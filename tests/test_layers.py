@@ -1,5 +1,6 @@
-"""The package's layers: no module imports one of a higher layer (data -> retrieval -> sampling /
-prompts -> llm / train -> rank -> report -> pipeline -> cli), read from the source's imports."""
+"""The package's layers: no module imports one of a higher layer (errors -> model_files ->
+config_checks -> ... -> data -> retrieval -> sampling / prompts -> llm / train -> rank -> report
+-> pipeline -> cli), read from the source's imports."""
 
 import ast
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "recranker_jax"
 # Lowest first; modules in one entry may import each other.
 LAYERS = [
-    {"errors"}, {"config_checks"}, {"run"}, {"config"}, {"hardware", "metrics"}, {"parallel"},
+    {"errors"}, {"model_files"}, {"config_checks"}, {"run"}, {"config"}, {"hardware", "metrics"}, {"parallel"},
     {"data"}, {"retrieval"}, {"sampling", "prompts"}, {"llm"}, {"train"}, {"rank"}, {"report", "plan"},
     {"pipeline", "launch_check"}, {"bench"}, {"cli"},
 ]

@@ -15,7 +15,7 @@ RULES = MeshConfig().rules
 def test_resolve_shape_fills_the_wildcard_and_refuses_mismatches():
     assert resolve_mesh_shape([-1, 1, 1], 8) == (8, 1, 1)
     assert resolve_mesh_shape([2, -1, 2], 8) == (2, 2, 2)
-    with pytest.raises(RecRankerError, match=r"mesh.shape=\[2, 4, 1\] needs 8 devices, but 2 are available"):
+    with pytest.raises(RecRankerError, match=r"mesh.shape=\[2, 4, 1\] uses 8 devices, but a mesh must use all 2 available devices"):
         resolve_mesh_shape([2, 4, 1], 2)
     with pytest.raises(RecRankerError, match="do not divide the 8 available devices"):
         resolve_mesh_shape([3, -1, 1], 8)

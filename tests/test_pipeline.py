@@ -99,6 +99,7 @@ def test_quickstart_runs_every_stage_resumes_after_a_crash_then_reuses_them(tmp_
     assert "[data] cached" in out and "[retrieval] cached" in out and "[instructions] cached" in out
     assert "[finetune] cached" in out and "[rank] done" in out and "hybrid" in out
     assert (run / "finetune" / "_stage.json").read_text() == marker
+    assert not list((run / "checkpoints").glob("*"))  # finished stages keep no training state by default
     report = (run / "report.md").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
     hr3 = metrics["splits"]["test"]["methods"]["backbone"]["metrics"]["hr@3"]
@@ -124,7 +125,8 @@ def test_a_stage_key_covers_its_sections_and_everything_upstream_but_not_how_the
     order = list(STAGES)
     for override, first_changed in (("data.min_likes=5", "data"), ("retrieval.dim=32", "retrieval"),
                                     ("prompts.hints=false", "instructions"), ("train.steps=7", "finetune"),
-                                    ("rank.alphas=[1,0,0]", "rank"), ("run.seed=3", "retrieval")):
+                                    ("rank.alphas=[1,0,0]", "rank"), ("run.seed=3", "retrieval"),
+                                    ("rank.candidates=planted", "instructions"), ("rank.baselines=[mf]", "rank")):
         changed = load_config("quickstart", [override])
         moved = [name for name in STAGES if cache_key(changed, name) != keys[name]]
         assert moved == order[order.index(first_changed):], override  # that stage and every one after it
@@ -141,3 +143,14 @@ def test_the_cli_offers_every_stage_of_the_table():
         args = parser.parse_args([name, "--config", "quickstart", "run.name=x"] if name != "data"
                                  else ["data", "split", "--config", "quickstart"])
         assert args.command == name and args.config == "quickstart"
+
+
+def test_a_finished_stage_keeps_its_last_checkpoint_only_when_asked(tmp_path):
+    from recranker_jax.pipeline import _drop_checkpoints
+
+    for keep_last in (False, True):
+        folder = tmp_path / f"finetune-{keep_last}"
+        for step in ("50", "100", "150"):
+            (folder / step).mkdir(parents=True)
+        _drop_checkpoints(folder, keep_last)
+        assert sorted(p.name for p in folder.glob("*")) == (["150"] if keep_last else [])

@@ -183,7 +183,7 @@ def test_plan_matches_the_real_placement_of_shard_model():
 
 def test_plan_errors_name_the_option():
     cfg = load_config(None, TINY)
-    with pytest.raises(RecRankerError, match=r"mesh.shape=\[2, 2, 1\] needs 4 devices, but 8 are available"):
+    with pytest.raises(RecRankerError, match=r"mesh.shape=\[2, 2, 1\] uses 4 devices, but a mesh must use all 8 available devices"):
         plan_memory(cfg, 8, [2, 2, 1])
     with pytest.raises(RecRankerError, match="train.batch_size=8 must be a multiple of the 16 batch shards"):
         plan_memory(cfg, 16, [1, 16, 1])
@@ -216,4 +216,4 @@ def test_cli_plan_json_and_table(capsys):
     assert main(["plan", *TINY, "--devices", "8", "--mesh", "1,8"]) == 2
     assert "--mesh 1,8: expected 3 comma-separated integers" in capsys.readouterr().err
     assert main(["plan", *TINY, "--devices", "8", "--mesh", "1,4,1"]) == 2
-    assert "mesh.shape=[1, 4, 1] needs 4 devices, but 8 are available" in capsys.readouterr().err
+    assert "mesh.shape=[1, 4, 1] uses 4 devices, but a mesh must use all 8 available devices" in capsys.readouterr().err

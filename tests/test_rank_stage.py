@@ -142,3 +142,43 @@ def test_inputs_from_another_run_are_one_line_errors(run, tmp_path):
         build_ranking(cfg, root / "data", root / "retrieval", instructions, root / "finetune", folder(tmp_path / "out"))
     with pytest.raises(RecRankerError, match=r"rank.ks=\[3, 20\]"):  # refused when the config loads
         load_config("quickstart", [*SMALL, "rank.ks=[3, 20]"])
+
+
+def test_planted_candidates_score_every_user_and_the_baselines_are_methods(run, tmp_path):
+    """rank.candidates=planted: the same tokenizer and training examples (so the run's tuned model
+    serves), every user scored under rank.users=hits, the backbone order keeping its protocol
+    NDCG@3, and the non-LLM baselines ranked and tested against the backbone like the LLM."""
+    root, _, document = run
+    overrides = [*SMALL, "rank.users=hits", "rank.candidates=planted", "rank.baselines=[transition, random, mf, explicit_mf]"]
+    cfg = load_config("quickstart", overrides)
+    instructions = folder(tmp_path / "instructions")
+    build_instructions(cfg, root / "data", root / "retrieval", instructions)
+    for name in ("train.jsonl", "tokenizer/tokenizer.json"):
+        assert (instructions / name).read_bytes() == (root / "instructions" / name).read_bytes()
+    planted = build_ranking(cfg, root / "data", root / "retrieval", instructions, root / "finetune",
+                            folder(tmp_path / "ranking"))
+    test = pd.read_csv(root / "data" / "test.csv", dtype=str)
+    assert planted["candidates"] == "planted"
+    for split in ("test", "valid"):
+        result = planted["splits"][split]
+        assert result["scored_users"] == result["hit_users"] == result["users"] == len(test)
+        for k in (3, 5):  # below the last of the 10 positions the held-out item keeps its rank
+            assert result["methods"]["backbone"]["metrics"][f"ndcg@{k}"] == pytest.approx(
+                document["splits"][split]["methods"]["backbone"]["metrics"][f"ndcg@{k}"], abs=1e-6)
+        assert result["methods"]["backbone"]["metrics"]["hr@10"] == 1.0
+        for method in ("transition", "random", "mf", "explicit_mf", "hybrid"):
+            assert 0.0 <= result["methods"][method]["paired"]["ndcg@3"]["p_value"] <= 1.0
+        planted_file = pd.read_csv(root / "retrieval" / ("candidates_planted.csv" if split == "test"
+                                                           else "candidates_planted_valid.csv"), dtype=str)
+        held_out = pd.read_csv(root / "data" / f"{split}.csv", dtype=str)[["user_id", "item_id"]]
+        last = planted_file[planted_file["rank"] == "10"].merge(held_out, on=["user_id", "item_id"])
+        assert result["held_out_last"] == len(last)
+    rankings = pd.read_csv(tmp_path / "ranking" / "rankings.csv", dtype={"user_id": str, "item_id": str})
+    candidates = pd.read_csv(root / "retrieval" / "candidates_planted.csv", dtype={"user_id": str, "item_id": str})
+    for user, group in rankings[rankings["method"] == "mf"].groupby("user_id"):
+        own = candidates[candidates["user_id"] == user].sort_values("rank")["item_id"].tolist()
+        assert sorted(group["item_id"]) == sorted(own) and test.set_index("user_id").loc[user, "item_id"] in own
+    prompts = [json.loads(line) for line in (instructions / "test.jsonl").read_text().splitlines()]
+    listed = {p["user_id"]: set(p["candidates"]) for p in prompts if p["task"] == "listwise"}
+    assert all(test.set_index("user_id").loc[u, "item_id"] in shown for u, shown in listed.items())
+    assert len(listed) == len(test)

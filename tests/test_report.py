@@ -181,11 +181,15 @@ def test_rankings_csv_reproduces_the_metrics_with_pandas_alone(tmp_path, evaluat
 # ------------------------------------------------------------------------------- the report
 
 
-def fake_run(root: Path, name: str, order_hybrid: np.ndarray = HYBRID, extra: bool = True) -> Path:
-    """A run folder holding only what the report reads; ranking metrics from evaluate_orders."""
+def fake_run(root: Path, name: str, order_hybrid: np.ndarray = HYBRID, extra: bool = True,
+             planted: bool = False) -> Path:
+    """A run folder holding only what the report reads; ranking metrics from evaluate_orders
+    (planted: a transition baseline too, and the metrics' candidates say planted)."""
     run_dir = root / name
     (run_dir / "ranking").mkdir(parents=True)
     orders = {"backbone": CANDIDATES, "pointwise": CANDIDATES, "hybrid": order_hybrid}
+    if planted:
+        orders = {"hybrid": order_hybrid, "transition": order_hybrid, **orders}  # stored out of display order
     test = evaluate_orders(orders, TARGET, (1, 3), N_BOOTSTRAP, seed=0)
     test.update(scored_users=4, seconds_per_item=0.0123,
                 rates={"pointwise": {"unreadable": 0.25, "inconsistent": None},
@@ -193,6 +197,9 @@ def fake_run(root: Path, name: str, order_hybrid: np.ndarray = HYBRID, extra: bo
     valid = evaluate_orders(orders, np.array([1, 6, 9, 5, 2, 10]), (1, 3), N_BOOTSTRAP, seed=0)
     valid.update(scored_users=6, seconds_per_item=0.02, rates={})
     metrics = {"mode": "scores", "splits": {"test": test, "valid": valid}}
+    if planted:
+        metrics.update(candidates="planted", baselines=["transition"])
+        test["held_out_last"] = 3
     (run_dir / "ranking" / "metrics.json").write_text(json.dumps(metrics))
     if extra:
         (run_dir / "config.yaml").write_text(f"run:\n  name: {name}\nrank:\n  alphas: [1.0, 1.0, 1.0]\n")
@@ -284,12 +291,34 @@ def test_compare_runs_side_by_side(tmp_path):
     second = fake_run(tmp_path, "no_hints", order_hybrid=CANDIDATES)
     text = compare_runs([first, second])
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
-    assert [(r[0], r[1]) for r in rows] == [(run, m) for run in ("full", "no_hints") for m in ("backbone", "pointwise", "hybrid")]
-    assert text.splitlines()[0] == "| run | method | hit users | HR@1 | NDCG@1 | HR@3 | NDCG@3 |"
+    assert [(r[0], r[2]) for r in rows] == [(run, m) for run in ("full", "no_hints") for m in ("backbone", "pointwise", "hybrid")]
+    assert {r[1] for r in rows} == {"retrieved"}  # metrics without a candidates key are the protocol's
+    assert text.splitlines()[0] == ("| run | candidates | method | hit users | HR@1 | NDCG@1 | HR@3 | NDCG@3 "
+                                    "| ΔNDCG@1 vs backbone (p) |")
     for run_dir, row in ((first, rows[2]), (second, rows[5])):
         hybrid = json.loads((run_dir / "ranking" / "metrics.json").read_text())["splits"]["test"]["methods"]["hybrid"]
-        assert row[2:] == ["4"] + [cell(hybrid["metrics"][n], hybrid["intervals"][n]) for n in ("hr@1", "ndcg@1", "hr@3", "ndcg@3")]
-    assert rows[5][6].startswith(f"{(1 / math.log2(4) + 1 + 1) / 5:.4f}")  # hybrid = backbone order: ranks 3, 1, -, 4, 1
+        assert row[3:8] == ["4"] + [cell(hybrid["metrics"][n], hybrid["intervals"][n]) for n in ("hr@1", "ndcg@1", "hr@3", "ndcg@3")]
+        paired = hybrid["paired"]["ndcg@1"]
+        assert row[8] == f"{paired['difference']:+.4f} (p = {paired['p_value']:.3f})"
+    assert rows[0][8] == "–"  # the backbone is not tested against itself
+    assert rows[5][7].startswith(f"{(1 / math.log2(4) + 1 + 1) / 5:.4f}")  # hybrid = backbone order: ranks 3, 1, -, 4, 1
+
+
+def test_a_planted_run_is_titled_as_such_and_compared_beside_a_protocol_run(tmp_path):
+    protocol, planted = fake_run(tmp_path, "protocol"), fake_run(tmp_path, "planted", planted=True)
+    text = write_report(planted).read_text()
+    assert "## Split: test (planted evaluation)" in text and "Candidates: planted" in text
+    assert "not the RecRanker protocol" in text and "Non-LLM controls" in text and "transition (" in text
+    assert "puts the held-out item last for 3 of them" in text
+    assert [r[0] for r in table_rows(text, "## Split: test")] == ["backbone", "transition", "pointwise", "hybrid"]
+    assert "transition vs backbone" in [r[0] for r in table_rows(text, "### Paired sign-flip")]
+    assert "(planted evaluation)" not in write_report(protocol).read_text()
+    metrics = json.loads((planted / "metrics.json").read_text())
+    assert "test: 5 users, planted candidates" in format_table(metrics)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in compare_runs([protocol, planted]).splitlines()[2:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == (
+        [("protocol", "retrieved", m) for m in ("backbone", "pointwise", "hybrid")]
+        + [("planted", "planted", m) for m in ("backbone", "transition", "pointwise", "hybrid")])
 
 
 def test_missing_ranking_metrics_is_a_user_error(tmp_path):

@@ -125,7 +125,7 @@ def test_bad_inputs_are_one_line_errors(data, tmp_path):
     no_likes = dataclasses.replace(data, train_rating=np.ones_like(data.train_rating))
     with pytest.raises(RecRankerError, match="the training split has no likes"):
         liked_pairs(no_likes)
-    with pytest.raises(RecRankerError, match=r"mesh.shape=\[3, 1, 1\] needs 3 devices"):
+    with pytest.raises(RecRankerError, match=r"mesh.shape=\[3, 1, 1\] uses 3 devices, but a mesh must use all"):
         make_mesh(MeshConfig(shape=[3, 1, 1]))
 
 
@@ -151,6 +151,17 @@ def test_retrieval_command_writes_metrics_and_candidates(tmp_path, capsys):
     test = pd.read_csv(tmp_path / "quickstart" / "data" / "test.csv", dtype=str)
     hits = candidates.merge(test[["user_id", "item_id"]], on=["user_id", "item_id"])
     assert (hits["rank"] <= 5).sum() / 664 == pytest.approx(result["models"]["lightgcn"]["test"]["protocol_hr@5"])
+    # The planted candidates: the held-out item once among 10, in score order, nothing seen before it.
+    planted = pd.read_csv(folder / "candidates_planted.csv", dtype={"user_id": str, "item_id": str})
+    assert list(planted.columns) == list(candidates.columns) and len(planted) == 664 * 10
+    assert not any(pair in seen for pair in zip(planted.user_id, planted.item_id))
+    assert (planted.groupby("user_id")["score"].diff().dropna() <= 0).all()
+    assert (planted.groupby("user_id")["item_id"].nunique() == 10).all()
+    assert len(planted.merge(test[["user_id", "item_id"]], on=["user_id", "item_id"])) == 664
+    # the backbone order keeps its protocol HR@5: the held-out item ranks the same when in the top 9
+    assert (planted.merge(test[["user_id", "item_id"]], on=["user_id", "item_id"])["rank"] <= 5).sum() == (hits["rank"] <= 5).sum()
+    planted_valid = pd.read_csv(folder / "candidates_planted_valid.csv", dtype={"user_id": str, "item_id": str})
+    assert len(planted_valid.merge(valid[["user_id", "item_id"]], on=["user_id", "item_id"])) == 664
     assert main(["retrieval", *args]) == 0
     assert "[retrieval] cached" in capsys.readouterr().out
     assert main(["retrieval", *args, "retrieval.candidates=100000"]) == 2

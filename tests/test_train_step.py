@@ -141,7 +141,8 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path):
     np.testing.assert_allclose(np.asarray(model_b(tokens)), np.asarray(model(tokens)), rtol=1e-5, atol=1e-6)
 
 
-def test_sigterm_stops_after_the_step_and_leaves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_stops_after_the_step_and_leaves_a_checkpoint(tmp_path, signal_name):
     import os
     import signal
 
@@ -155,7 +156,7 @@ def test_sigterm_stops_after_the_step_and_leaves_a_checkpoint(tmp_path):
 
     def preempt(entry):
         if entry.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # what a TPU / Slurm preemption sends
+            os.kill(os.getpid(), getattr(signal, signal_name))  # a TPU / Slurm preemption, or Ctrl-C
 
     logs, reached = train(model, optimizer, rows, batch_size=4, steps=50, seed=0, checkpoint_dir=tmp_path,
                  save_every=100, log=preempt, progress=False)

@@ -1,5 +1,6 @@
 """The instructions stage: sampled users -> training examples of the three tasks, and the
-inference prompts over the backbone's candidates, written to runs/<name>/instructions/.
+inference prompts over the backbone's candidates (the retrieved or the planted set,
+`rank.candidates`), written to runs/<name>/instructions/.
 
 Outputs: train.jsonl (task, user_id, item_ids, prompt, response, source, dropped_history),
 test.jsonl and valid.jsonl (task, user_id, item_ids, prompt, prefix_chars (the shared
@@ -50,9 +51,9 @@ def load_hints(retrieval_dir: Path, backbone: str) -> tuple[HintModels, np.ndarr
     return HintModels(predict_rating, backbone_score), users
 
 
-def apply_budget(builder: PromptBuilder, parts: list[PromptParts], tokenizer, max_tokens: int) -> int:
-    """Drop the oldest history entries of over-long prompts until they fit; returns how many
-    prompts still exceed the budget with no history left.
+def apply_budget(builder: PromptBuilder, parts: list[PromptParts], tokenizer, max_tokens: int) -> None:
+    """Drop the oldest history entries of over-long prompts until they fit; a prompt that does
+    not fit even with no history left is a RecRankerError naming the budget it needs.
 
     Lengths are first estimated as tokens(prefix) + tokens(suffix + response), each distinct
     prefix tokenised once (a user's prompts of a task share it); prompts within a small
@@ -69,14 +70,14 @@ def apply_budget(builder: PromptBuilder, parts: list[PromptParts], tokenizer, ma
     prefix_length = dict(zip(distinct, count_tokens(tokenizer, distinct)))
     tail_length = count_tokens(tokenizer, [tail(p) for p in parts], add_special_tokens=False)
     estimate = np.array([prefix_length[text] for text in prefixes]) + tail_length
-    still_over = 0
+    too_long = []  # the length of each prompt that does not fit with no history
     for index in np.flatnonzero(estimate > max_tokens - 8):
         p = parts[index]
         if exact(p) <= max_tokens:
             continue
         p.dropped = len(p.entries)
         if exact(p) > max_tokens:
-            still_over += 1
+            too_long.append(exact(p))
             continue
         low, high = 1, len(p.entries)  # the fewest dropped entries that fit
         while low < high:
@@ -86,7 +87,24 @@ def apply_budget(builder: PromptBuilder, parts: list[PromptParts], tokenizer, ma
             else:
                 low = p.dropped + 1
         p.dropped = low
-    return still_over
+    if too_long:
+        raise RecRankerError(
+            f"prompts.max_tokens={max_tokens}: {len(too_long)} prompts do not fit even with no history (the longest "
+            f"has {max(too_long)} tokens without it); set prompts.max_tokens to at least {max(too_long)}")
+
+
+def inference_prompts(cfg: Config, builder: PromptBuilder, candidate_lists: list[list[int]]) -> tuple[list[PromptParts], int]:
+    """Every task's inference prompts over each user's candidates (a user's own seeded order
+    of pairs and listwise candidates), and how many users have no candidates."""
+    prompts, empty = [], 0
+    for user, candidates in enumerate(candidate_lists):
+        if not candidates:
+            empty += 1
+            continue
+        user_rng = np.random.default_rng([cfg.run.seed, 2, user])
+        for task in cfg.prompts.tasks:
+            prompts.extend(builder.inference_prompts(task, user, candidates, user_rng))
+    return prompts, empty
 
 
 def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Path) -> dict:
@@ -111,27 +129,26 @@ def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Pa
     if not train:
         raise RecRankerError("no training instruction could be built: every sampled user has too few ratings for the tasks")
 
+    retrieval = RetrievalFolder(retrieval_dir)
     inference: dict[str, list[PromptParts]] = {}
     empty_candidates = collections.Counter()
     for split in SPLITS:
-        candidate_lists = read_candidates(RetrievalFolder(retrieval_dir).candidates(split), data)
-        inference[split] = []
-        for user, candidates in enumerate(candidate_lists):
-            if not candidates:
-                empty_candidates[split] += 1
-                continue
-            user_rng = np.random.default_rng([cfg.run.seed, 2, user])
-            for task in prompts_cfg.tasks:
-                inference[split].extend(builder.inference_prompts(task, user, candidates, user_rng))
+        path = retrieval.planted(split) if cfg.rank.candidates == "planted" else retrieval.candidates(split)
+        inference[split], empty_candidates[split] = inference_prompts(cfg, builder, read_candidates(path, data))
 
     if prompts_cfg.tokenizer:
         tokenizer = load_tokenizer(prompts_cfg.tokenizer)
     else:
+        # The retrieved candidates' test questions, whatever rank.candidates: planted ones hold
+        # every held-out item, which must not shape the vocabulary (the same tokenizer, hence
+        # the same tuned model, in a protocol run and a planted run).
+        retrieved = (inference["test"] if cfg.rank.candidates == "retrieved" else
+                     inference_prompts(cfg, builder, read_candidates(retrieval.candidates("test"), data))[0])
         corpus = (builder.prefix(p) + p.suffix + (" " + p.response if p.response else "") for p in train)
-        corpus = itertools.chain(corpus, (p.suffix for p in inference["test"]))
+        corpus = itertools.chain(corpus, (p.suffix for p in retrieved))
         tokenizer = train_bpe(corpus, prompts_cfg.tokenizer_vocab_size, folder.tokenizer)
-    over_budget = {name: apply_budget(builder, parts, tokenizer, prompts_cfg.max_tokens)
-                   for name, parts in (("train", train), *inference.items())}
+    for parts in (train, *inference.values()):
+        apply_budget(builder, parts, tokenizer, prompts_cfg.max_tokens)
 
     item_ids = data.items["item_id"].astype(str).to_numpy()
     user_ids = data.user_ids.astype(str)
@@ -168,7 +185,7 @@ def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Pa
         **{name: {"prompts": len(parts), "by_task": per_task(parts), "users_without_candidates": empty_candidates[name]}
            for name, parts in inference.items()},
         "truncated_history": {name: per_task(parts, lambda p: p.dropped > 0) for name, parts in (("train", train), *inference.items())},
-        "over_budget_without_history": over_budget,
+        "candidates": cfg.rank.candidates,
         "max_tokens": prompts_cfg.max_tokens,
         "tokenizer": prompts_cfg.tokenizer or "trained byte-level BPE (instructions/tokenizer)",
         "vocab_size": len(tokenizer),

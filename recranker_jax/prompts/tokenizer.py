@@ -1,8 +1,9 @@
 """Tokenizers for the instruction data and the answer-token loss mask.
 
 A run either uses a Hugging Face tokenizer from a local folder (a LLaMA-2
-checkpoint) or trains a byte-level BPE with `tokenizers` on its own prompts and
-saves it as a standard tokenizer.json, loadable by PreTrainedTokenizerFast.
+checkpoint) or a GGUF file (its metadata holds the vocabulary), or trains a
+byte-level BPE with `tokenizers` on its own prompts and saves it as a standard
+tokenizer.json, loadable by PreTrainedTokenizerFast.
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ def train_bpe(corpus: Iterable[str], vocab_size: int, out_dir: Path) -> PreTrain
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """A tokenizer from a local folder (tokenizer.json / tokenizer.model + config); never a hub."""
-    folder = Path(path).expanduser()
+    """A tokenizer from a local folder (tokenizer.json / tokenizer.model + config) or from a GGUF
+    file's metadata (`package:<pkg>/<file>.gguf` for one an installed package ships); never a hub."""
+    from recranker_jax.model_files import resolve_model_path
+
+    folder = resolve_model_path(path)
+    if folder.suffix == ".gguf":
+        return load_gguf_tokenizer(folder)
     if not folder.is_dir():
         raise RecRankerError(f"tokenizer folder {folder} not found: expected a local checkpoint or tokenizer folder")
     try:
@@ -54,6 +60,55 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise RecRankerError(f"tokenizer folder {folder}: could not load a tokenizer ({first})") from None
     if tokenizer.eos_token_id is None:
         raise RecRankerError(f"tokenizer folder {folder}: the tokenizer has no end-of-sequence token")
+    return tokenizer
+
+
+def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a GGUF file's metadata describes, built by transformers' GGUF converter
+    (byte-level BPE, sentencepiece, ...) from the metadata as the `gguf` package reads it (so
+    without torch, which `AutoTokenizer.from_pretrained(gguf_file=...)` needs). Its BOS and EOS
+    are checked against tokenizer.ggml.bos_token_id / eos_token_id; no padding token: EOS."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    from recranker_jax.model_files import metadata, open_gguf
+
+    reader = open_gguf(path)
+    architecture = metadata(reader, "general.architecture")
+    ids = {kind: metadata(reader, f"tokenizer.ggml.{key}")
+           for kind, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                             ("pad", "padding_token_id"))}
+    groups = {group: {name: value for key, name in renames.items()
+                      if (value := metadata(reader, f"tokenizer.{key}")) is not None}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    del reader
+    tokens = groups["tokenizer"].get("tokens")
+    if not tokens:
+        raise RecRankerError(f"{path}: the GGUF metadata has no tokenizer.ggml.tokens; expected a file with its tokenizer")
+    for kind in ("bos", "eos"):
+        if ids[kind] is None or not 0 <= ids[kind] < len(tokens):
+            raise RecRankerError(f"{path}: tokenizer.ggml.{kind}_token_id is {ids[kind]}; expected the id of a "
+                                 f"token among its {len(tokens)} (the prompts need beginning- and end-of-sequence tokens)")
+    config = groups["tokenizer_config"]
+    if groups["tokenizer"].get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # as transformers: llama.cpp adds BOS to such vocabularies
+    special = {f"{kind}_token": tokens[token_id] for kind, token_id in ids.items()
+               if token_id is not None and 0 <= token_id < len(tokens)}
+    try:
+        backend, extra = convert_gguf_tokenizer(architecture, groups["tokenizer"])
+    except (ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecRankerError(f"{path}: could not build a tokenizer from the GGUF metadata ({first})") from None
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **config, **special, **extra)
+    for kind in ("bos", "eos"):
+        found = getattr(tokenizer, f"{kind}_token_id")
+        if found != ids[kind]:
+            raise RecRankerError(f"{path}: the tokenizer's {kind.upper()} token {special[f'{kind}_token']!r} has id "
+                                 f"{found}, but tokenizer.ggml.{kind}_token_id is {ids[kind]}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

@@ -4,7 +4,9 @@ runs/<name>/ranking/ (metrics.json, rankings.csv / rankings_valid.csv, scores_<s
 
 Only users whose held-out item is among the candidates change any metric, so by default
 (`rank.users=hits`) only they are scored; everyone else keeps the retrieval order (a miss
-either way) and the metrics still average over all test users.
+either way) and the metrics still average over all test users. With `rank.candidates=planted`
+every user's candidates hold the held-out item, so every user is scored. The non-LLM
+re-rankers of `rank.baselines` (rank/baselines.py) are methods beside the LLM's.
 """
 
 from __future__ import annotations
@@ -17,13 +19,21 @@ from pathlib import Path
 import numpy as np
 
 from recranker_jax.config import Config
-from recranker_jax.config_checks import TASKS
+from recranker_jax.config_checks import RANDOM, TASKS, TRANSITION
 from recranker_jax.data.split import SplitData, load_split
 from recranker_jax.errors import RecRankerError
-from recranker_jax.rank import answers, hybrid
+from recranker_jax.rank import answers, baselines, hybrid
 from recranker_jax.rank.evaluate import evaluate_orders, write_rankings_csv
 from recranker_jax.rank.ranker import Ranker, load_ranker
-from recranker_jax.run import InstructionsFolder, RankingFolder, RetrievalFolder, read_candidates, write_json
+from recranker_jax.run import (
+    InstructionsFolder,
+    RankingFolder,
+    RetrievalFolder,
+    read_candidates,
+    read_embeddings,
+    read_explicit_mf,
+    write_json,
+)
 
 def read_prompts(path: Path, data: SplitData, candidates: list[list[int]]) -> dict[str, dict[int, list[dict]]]:
     """Inference prompts by task and user index, checked against this run's candidates."""
@@ -53,10 +63,37 @@ def read_prompts(path: Path, data: SplitData, candidates: list[list[int]]) -> di
     return by_task
 
 
+def baseline_utilities(names: list[str], data: SplitData, retrieval: RetrievalFolder, cand: np.ndarray,
+                       seed: int = 0) -> dict:
+    """Each non-LLM baseline's utility [users, k] over the candidate matrix: the transition
+    re-ranker, a random order, or a retrieval model's scores from the factors the retrieval
+    stage saved."""
+    utilities = {}
+    for name in names:
+        if name == RANDOM:
+            utilities[name] = baselines.random_utility(cand.shape, seed)
+        elif name == TRANSITION:
+            utilities[name] = baselines.transition_baseline(data.train_user, data.train_item, data.train_is_like,
+                                                            data.n_users, data.n_items, cand)
+        elif name == "explicit_mf":  # mean + b_u + b_i + p_u . q_i as one dot product
+            mf = read_explicit_mf(retrieval.explicit_mf)
+            if mf is None:
+                raise RecRankerError(f"{retrieval.explicit_mf} not found: rank.baselines names explicit_mf; "
+                                     "rerun `recranker retrieval` with explicit_mf in retrieval.models")
+            ones = np.ones((len(mf["user_bias"]), 1)), np.ones((len(mf["item_bias"]), 1))
+            users = np.hstack([mf["user_factors"], ones[0], (mf["user_bias"] + mf["mean_rating"])[:, None]])
+            items = np.hstack([mf["item_factors"], mf["item_bias"][:, None], ones[1]])
+            utilities[name] = baselines.factor_utility(users, items, cand)
+        else:
+            utilities[name] = baselines.factor_utility(*read_embeddings(retrieval.embeddings(name)), cand)
+    return utilities
+
+
 def rank_split(cfg: Config, ranker: Ranker, data: SplitData, candidates: list[list[int]], prompts: dict,
-               target: np.ndarray) -> tuple[dict, dict, np.ndarray]:
+               target: np.ndarray, controls=None) -> tuple[dict, dict, np.ndarray]:
     """Scores, utilities, orders and metrics of one split; returns (result, {orders, utilities,
-    answers: the per-candidate answer arrays}, candidates array)."""
+    answers: the per-candidate answer arrays}, candidates array). `controls`: a function of the
+    candidate matrix giving the non-LLM baselines' utilities (methods beside the LLM's)."""
     r = cfg.rank
     cand = answers.candidate_matrix(candidates, data.n_users)
     k = cand.shape[1]
@@ -86,12 +123,14 @@ def rank_split(cfg: Config, ranker: Ranker, data: SplitData, candidates: list[li
     if "hybrid" in r.methods:
         utilities["hybrid"] = np.asarray(hybrid.hybrid_utility(
             utilities.get("pointwise"), utilities.get("pairwise"), utilities.get("listwise"), r.alphas))
-    shown = {m: u for m, u in utilities.items() if m in r.methods}
+    shown = {**(controls(cand) if controls else {}), **{m: u for m, u in utilities.items() if m in r.methods}}
     orders = {"backbone": cand, **{m: np.asarray(o) for m, o in hybrid.rank_orders(cand, shown).items()}}
     result = evaluate_orders(orders, target, r.ks, r.bootstrap, cfg.run.seed)
     total_seconds = sum(s for s, _ in seconds.values())
     items = len(scored) * k
+    filled = np.maximum((cand >= 0).sum(axis=1) - 1, 0)
     result.update(
+        held_out_last=int(((cand[np.arange(len(cand)), filled] == target) & (target >= 0)).sum()),
         scored_users=int(len(scored)),
         seconds_per_item=total_seconds / items if items else None,
         seconds_per_item_by_task={t: (s / n if n else None) for t, (s, n) in seconds.items()},
@@ -106,12 +145,15 @@ def build_ranking(cfg: Config, data_dir: Path, retrieval_dir: Path, instructions
     ranker = load_ranker(cfg, data, instructions_dir, finetune_dir)
     item_ids = data.items["item_id"].astype(str).to_numpy()
     retrieval, instructions, ranking = RetrievalFolder(retrieval_dir), InstructionsFolder(instructions_dir), RankingFolder(out)
-    document = {"mode": cfg.rank.mode, "users": cfg.rank.users, "splits": {}}
+    planted = cfg.rank.candidates == "planted"
+    document = {"mode": cfg.rank.mode, "users": cfg.rank.users, "candidates": cfg.rank.candidates,
+                "baselines": list(cfg.rank.baselines), "splits": {}}
     for split in cfg.rank.splits:
-        candidates = read_candidates(retrieval.candidates(split), data)
+        candidates = read_candidates(retrieval.planted(split) if planted else retrieval.candidates(split), data)
         prompts = read_prompts(instructions.prompts(split), data, candidates)
         target = data.test_item if split == "test" else data.valid_item
-        result, arrays, cand = rank_split(cfg, ranker, data, candidates, prompts, np.asarray(target))
+        result, arrays, cand = rank_split(cfg, ranker, data, candidates, prompts, np.asarray(target),
+                                          lambda c: baseline_utilities(cfg.rank.baselines, data, retrieval, c, cfg.run.seed))
         document["splits"][split] = result
         write_rankings_csv(ranking.rankings(split), data.user_ids.astype(str), item_ids, arrays["orders"],
                            arrays["utilities"], cand)

@@ -2,14 +2,14 @@
 and write what later stages need into runs/<name>/retrieval/.
 
 Outputs: metrics.json (model -> split -> metric), candidates.csv (test) and
-candidates_valid.csv (user_id, rank, item_id, score) of the backbone,
+candidates_valid.csv (user_id, rank, item_id, score) of the backbone, the planted
+evaluation's candidates_planted.csv and candidates_planted_valid.csv (same columns),
 <model>/params (Orbax) and <model>/embeddings.npz, explicit_mf.npz (the rating
 model behind the pointwise hint), history.json (validation curves).
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +29,28 @@ def popularity_scorer(data: SplitData) -> Scorer:
     _, items = liked_pairs(data)
     counts = np.bincount(items, minlength=data.n_items).astype(np.float32)
     return Scorer(np.ones((data.n_users, 1), np.float32), counts[:, None])
+
+
+def planted_candidates(scorer: Scorer, data: SplitData, split: str, k: int,
+                       batch_users: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """The planted evaluation's candidates (items, scores), [users, k]: the split's held-out
+    item plus the backbone's top k-1 other items, masked as for the retrieved candidates of
+    that split (`exclusions`), all in backbone score order (a tie puts the held-out item last).
+
+    The held-out item keeps its rank when it is among the top k-1 (the set is then the top k)
+    and is last otherwise, so the backbone order's HR@j and NDCG@j for j < k equal the
+    retrieved candidates'."""
+    target = (data.test_item if split == "test" else data.valid_item).astype(np.int32)
+    others = np.concatenate([exclusions(data, split), target[:, None]], axis=1)
+    if k > 1:
+        items, scores = top_k(scorer, others, k - 1, batch_users)
+    else:
+        items, scores = np.zeros((data.n_users, 0), np.int32), np.zeros((data.n_users, 0), np.float32)
+    target_scores = np.einsum("ud,ud->u", scorer.user_factors, scorer.item_factors[target])
+    items = np.concatenate([items, target[:, None]], axis=1)
+    scores = np.concatenate([scores, target_scores[:, None].astype(scores.dtype)], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(items, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Path, progress: bool = True) -> dict:
@@ -85,10 +107,11 @@ def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Pat
     for split in SPLITS:
         items, scores = top_k(backbone, exclusions(data, split), retrieval.candidates, retrieval.eval_batch_users)
         write_candidates(folder.candidates(split), data, items, scores)
+        items, scores = planted_candidates(backbone, data, split, retrieval.candidates, retrieval.eval_batch_users)
+        write_candidates(folder.planted(split), data, items, scores)
     result_json = {"backbone": retrieval.backbone, "candidates": retrieval.candidates, "models": metrics}
     write_json(folder.metrics, result_json)
     write_json(folder.history, history)
-    shutil.rmtree(checkpoint_root, ignore_errors=True)
     return result_json
 
 

@@ -116,13 +116,14 @@ def train(
     flops_per_token: float | None = None,
     peak_flops: float | None = None,
     schedule: Callable[[int], float] | None = None,
+    desc: str = "finetune",
 ) -> tuple[list[StepLog], int]:
     """Run optimizer steps up to `steps` (continuing from the latest checkpoint if there is one).
 
-    Returns this call's step logs and the step reached: less than `steps` when a SIGTERM
-    stopped the run (its checkpoint is saved; calling again resumes). `flops_per_token` (of
+    Returns this call's step logs and the step reached: less than `steps` when a SIGTERM or
+    Ctrl-C (SIGINT; a second one stops at once) stopped the run (its checkpoint is saved; calling again resumes). `flops_per_token` (of
     the model, for training) and `peak_flops` (of all devices together) give the MFU;
-    `schedule` (step -> learning rate) adds the learning rate to the logs.
+    `schedule` (step -> learning rate) adds the learning rate to the logs; `desc` names the progress bar.
     """
     manager = None
     start = 0
@@ -149,8 +150,14 @@ def train(
             manager.wait_until_finished()
 
     stop = {"requested": False}
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+
+    def request_stop(number, frame) -> None:
+        if number == signal.SIGINT and stop["requested"]:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        stop["requested"] = True
+
+    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
+
     def stop_agreed() -> bool:
         """Across processes, stop when any one was asked to (a pod's SIGTERMs arrive at different
         steps, and every process must reach the same collective checkpoint)."""
@@ -160,7 +167,7 @@ def train(
 
     capacity = answer_capacity(rows.loss_mask)  # one static batch shape for the whole run
     logs: list[StepLog] = []
-    bar = tqdm(total=steps, initial=start, desc="finetune", disable=not progress, leave=False)
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, leave=False)
     step = start
     try:
         while step < steps and not stop_agreed():
@@ -184,9 +191,10 @@ def train(
                             **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
             if step % save_every == 0:
                 save(step)
-        save(step)  # the end of the run, or the SIGTERM checkpoint
+        save(step)  # the end of the run, or the checkpoint of a SIGTERM / Ctrl-C
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         bar.close()
         if manager is not None:
             manager.close()

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from recranker_jax.config import Config
-from recranker_jax.errors import RecRankerError
+from recranker_jax.errors import Interrupted, RecRankerError
 from recranker_jax.llm.hf_export import export_hf
 from recranker_jax.llm.hf_import import load_hf_llama
 from recranker_jax.llm.llama import Llama, LlamaConfig, model_options
@@ -32,7 +32,7 @@ from recranker_jax.parallel import is_primary, make_mesh
 from recranker_jax.prompts.tokenizer import encode_example, load_tokenizer
 from recranker_jax.train.loop import train
 from recranker_jax.train.packing import pack
-from recranker_jax.run import FinetuneFolder, InstructionsFolder, read_jsonl, write_json
+from recranker_jax.run import FinetuneFolder, InstructionsFolder, PretrainFolder, read_jsonl, write_json
 from recranker_jax.train.step import learning_rate_schedule, make_optimizer, shard_model, shard_optimizer
 
 
@@ -43,14 +43,16 @@ def tokenizer_folder(cfg: Config, instructions_dir: Path) -> Path:
     return InstructionsFolder(instructions_dir).tokenizer
 
 
-def build_model(cfg: Config, vocab_size: int, mesh=None) -> Llama:
-    """The ranker LLM: the checkpoint's weights placed on the mesh, or a fresh model."""
+def build_model(cfg: Config, vocab_size: int, mesh=None, start: Path | None = None) -> Llama:
+    """The model training starts from, placed on the mesh: `start` (a Hugging Face folder, the
+    pretrain stage's model), else model.checkpoint, else a fresh model of the configured size."""
     m = cfg.model
-    if m.checkpoint:
-        model = load_hf_llama(m.checkpoint, mesh, cfg.mesh.rules, **model_options(cfg))
+    source = start or m.checkpoint
+    if source:
+        model = load_hf_llama(source, mesh, cfg.mesh.rules, **model_options(cfg))
         if model.config.vocab_size < vocab_size:
             raise RecRankerError(
-                f"{m.checkpoint}: the model has {model.config.vocab_size} token embeddings but the "
+                f"{source}: the model has {model.config.vocab_size} token embeddings but the "
                 f"tokenizer has {vocab_size} tokens"
             )
         return model
@@ -74,17 +76,30 @@ def throughput_model(cfg: Config, model: Llama, mesh) -> dict:
             "peak_flops": peak * mesh.devices.size if peak else None}
 
 
-def build_finetune(cfg: Config, instructions_dir: Path, out: Path, checkpoint_dir: Path, progress: bool = True) -> dict:
-    tokenizer = load_tokenizer(tokenizer_folder(cfg, instructions_dir))
-    train_file, folder = InstructionsFolder(instructions_dir).train, FinetuneFolder(out)
-    records = read_jsonl(train_file)
-    if not records:
-        raise RecRankerError(f"{train_file} has no examples")
-    examples = [encode_example(tokenizer, r["prompt"], r["response"]) for r in records]
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How long and how fast one training stage runs (train.* for the finetune, pretrain.* for
+    the pretrain stage); the model, mesh, LoRA, sequence length and checkpointing are train's."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    name: str  # the stage, for messages
+
+
+def tune(cfg: Config, schedule: Schedule, examples: list[tuple[np.ndarray, np.ndarray]], tokenizer,
+         start: Path | None, model_dir: Path, train_log: Path, checkpoint_dir: Path, progress: bool,
+         adapter_dir: Path | None = None) -> dict:
+    """Train the model on packed `examples` (ids, loss mask) from `start` (or model.checkpoint,
+    or a fresh model) for `schedule.steps` steps (none: the starting model as it is), then
+    export it with its tokenizer to `model_dir` (LoRA merged; the adapter in PEFT format to
+    `adapter_dir`). Returns the summary. Every process joins; process 0 writes the files."""
     rows = pack(examples, cfg.train.seq_len)
     mesh = make_mesh(cfg.mesh)
-    check_batch("train.batch_size", cfg.train.batch_size, cfg.mesh.rules, dict(mesh.shape))
-    model = build_model(cfg, len(tokenizer), mesh)
+    check_batch(f"{'pretrain' if schedule.name == 'pretrain' else 'train'}.batch_size", schedule.batch_size,
+                cfg.mesh.rules, dict(mesh.shape))
+    model = build_model(cfg, len(tokenizer), mesh, start)
     lora = cfg.train.lora
     wrt = nnx.Param
     if lora.enabled:
@@ -93,41 +108,64 @@ def build_finetune(cfg: Config, instructions_dir: Path, out: Path, checkpoint_di
         apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, nnx.Rngs(cfg.run.seed + 1))
         wrt = nnx.LoRAParam
     shard_model(model, mesh, cfg.mesh.rules)
-    t = cfg.train
-    optimizer = nnx.Optimizer(
-        model, make_optimizer(t.lr, t.warmup_steps, t.steps, t.weight_decay, t.clip_norm, t.accumulation), wrt=wrt
-    )
-    shard_optimizer(optimizer, mesh)
+    t, s = cfg.train, schedule
+    logs, reached = [], 0
     primary = is_primary()  # with several processes all train and export; only process 0 writes files
-    with open(folder.train_log, "w") if primary else contextlib.nullcontext() as handle:
-        logs, reached = train(
-            model, optimizer, rows, batch_size=t.batch_size, steps=t.steps, seed=cfg.run.seed,
-            checkpoint_dir=checkpoint_dir, save_every=t.save_every, mesh=mesh, rules=cfg.mesh.rules,
-            log=(lambda e: handle.write(json.dumps(dataclasses.asdict(e)) + "\n"))
-            if primary else None,
-            progress=progress and primary, schedule=learning_rate_schedule(t.lr, t.warmup_steps, t.steps),
-            **throughput_model(cfg, model, mesh),
+    if s.steps:
+        optimizer = nnx.Optimizer(
+            model, make_optimizer(s.lr, s.warmup_steps, s.steps, t.weight_decay, t.clip_norm, t.accumulation), wrt=wrt
         )
-    if reached < t.steps:
-        raise RecRankerError("finetune was interrupted (SIGTERM); run the same command again to resume from its checkpoint")
+        shard_optimizer(optimizer, mesh)
+        with open(train_log, "w") if primary else contextlib.nullcontext() as handle:
+            logs, reached = train(
+                model, optimizer, rows, batch_size=s.batch_size, steps=s.steps, seed=cfg.run.seed,
+                checkpoint_dir=checkpoint_dir, save_every=t.save_every, mesh=mesh, rules=cfg.mesh.rules,
+                log=(lambda e: handle.write(json.dumps(dataclasses.asdict(e)) + "\n"))
+                if primary else None,
+                progress=progress and primary, schedule=learning_rate_schedule(s.lr, s.warmup_steps, s.steps),
+                desc=s.name, **throughput_model(cfg, model, mesh),
+            )
+        if reached < s.steps:
+            raise Interrupted(f"{s.name} was interrupted (SIGTERM or Ctrl-C); run the same command again to resume "
+                              "from its checkpoint")
     if lora.enabled:
         from recranker_jax.llm.lora import export_peft, merge_lora
 
-        export_peft(model, folder.adapter, cfg.model.checkpoint or "recranker-from-scratch",  # a gather every
-                    lora.targets, lora.rank, lora.alpha, lora.dropout)  # process joins; process 0 writes
+        if adapter_dir is not None:
+            export_peft(model, adapter_dir, str(start or cfg.model.checkpoint or "recranker-from-scratch"),  # a gather
+                        lora.targets, lora.rank, lora.alpha, lora.dropout)  # every process joins; process 0 writes
         model = merge_lora(model)
-    export_hf(model, folder.model)  # a gather every process joins
+    export_hf(model, model_dir)  # a gather every process joins
     if primary:
-        tokenizer.save_pretrained(folder.model)
-    summary = {
-        "examples": len(examples), "packed_rows": len(rows), "steps": t.steps,
+        tokenizer.save_pretrained(model_dir)
+    return {
+        "examples": len(examples), "packed_rows": len(rows), "steps": s.steps,
         "answer_tokens": int(rows.loss_mask.sum()),
         "parameters": int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))),
         "first_loss": logs[0].loss if logs else None, "last_loss": logs[-1].loss if logs else None,
         "median_tokens_per_second": float(np.median([e.tokens_per_second for e in logs[1:]])) if len(logs) > 1 else None,
         "median_mfu": float(np.median([e.mfu for e in logs[1:]])) if len(logs) > 1 and logs[-1].mfu is not None else None,
     }
-    if primary:
+
+
+def build_finetune(cfg: Config, instructions_dir: Path, out: Path, checkpoint_dir: Path, progress: bool = True,
+                   pretrain_dir: Path | None = None) -> dict:
+    """Instruction tuning from the pretrain stage's model (when pre-training is on), else from
+    model.checkpoint or a fresh model; train.enabled=false exports the starting model untuned
+    (the zero-shot baseline)."""
+    tokenizer = load_tokenizer(tokenizer_folder(cfg, instructions_dir))
+    train_file, folder = InstructionsFolder(instructions_dir).train, FinetuneFolder(out)
+    records = read_jsonl(train_file)
+    if not records:
+        raise RecRankerError(f"{train_file} has no examples")
+    examples = [encode_example(tokenizer, r["prompt"], r["response"]) for r in records]
+    t = cfg.train
+    schedule = Schedule(t.steps if t.enabled else 0, t.batch_size, t.lr, t.warmup_steps, "finetune")
+    start = PretrainFolder(pretrain_dir).model if pretrain_dir is not None else None
+    start = start if start is not None and start.is_dir() else None
+    summary = tune(cfg, schedule, examples, tokenizer, start, folder.model, folder.train_log, checkpoint_dir, progress,
+                   adapter_dir=folder.adapter if t.enabled else None)
+    summary["pretrained"] = start is not None
+    if is_primary():
         write_json(folder.summary, summary)
     return summary
-
