@@ -17,7 +17,14 @@ from recranker_jax.errors import RecRankerError
 
 FILE_SOURCES = ("ml-100k", "ml-1m", "bookcrossing")
 SOURCES = ("movielens-small", *FILE_SOURCES, "tfds:<name>")
-RETRIEVAL_MODELS = ("lightgcn", "mf", "explicit_mf", "popularity")
+# The retrieval models by name and whether each ranks items (may be retrieval.backbone); the
+# built-in ones, and any that `retrieval.backbones.register_backbone` adds (before the config loads).
+RETRIEVAL_MODELS: dict[str, bool] = {"lightgcn": True, "mf": True, "explicit_mf": False, "popularity": True}
+
+
+def register_model_name(name: str, ranks: bool) -> None:
+    """Make `name` a valid entry of retrieval.models (and of retrieval.backbone when it ranks)."""
+    RETRIEVAL_MODELS[name] = ranks
 SAMPLING_STRATEGIES = ("uniform", "importance", "cluster", "adaptive")
 TASKS = ("pointwise", "pairwise", "listwise")
 METHODS = (*TASKS, "hybrid")
@@ -61,13 +68,14 @@ def check_data(data: Any) -> None:
 
 
 def check_retrieval(retrieval: Any) -> None:
-    unknown = [m for m in retrieval.models if m not in RETRIEVAL_MODELS]
+    known = RETRIEVAL_MODELS
+    unknown = [m for m in retrieval.models if m not in known]
     if unknown:
-        raise RecRankerError(f"retrieval.models: unknown {unknown}; expected some of {', '.join(RETRIEVAL_MODELS)}")
-    if retrieval.backbone not in retrieval.models or retrieval.backbone == "explicit_mf":
+        raise RecRankerError(f"retrieval.models: unknown {unknown}; expected some of {', '.join(known)}")
+    if retrieval.backbone not in retrieval.models or not known[retrieval.backbone]:
         raise RecRankerError(
             f"retrieval.backbone={retrieval.backbone!r}: expected one of the ranking models in retrieval.models "
-            f"(lightgcn, mf, popularity), got models {retrieval.models}"
+            f"({', '.join(m for m in known if known[m])}), got models {retrieval.models}"
         )
     _positive("retrieval", retrieval, ("candidates", "dim", "batch_size", "epochs", "eval_every", "patience"))
 

@@ -21,15 +21,8 @@ from recranker_jax.data.split import SplitData, load_split
 from recranker_jax.errors import RecRankerError
 from recranker_jax.parallel import make_mesh
 from recranker_jax.retrieval.evaluate import Scorer, evaluate, exclusions, top_k
-from recranker_jax.retrieval.train import held_out_rmse, liked_pairs, train_bpr, train_explicit_mf
-from recranker_jax.run import SPLITS, RetrievalFolder, write_candidates, write_embeddings, write_explicit_mf, write_json
-
-def popularity_scorer(data: SplitData) -> Scorer:
-    """Score = number of training likes of the item, the same for every user."""
-    _, items = liked_pairs(data)
-    counts = np.bincount(items, minlength=data.n_items).astype(np.float32)
-    return Scorer(np.ones((data.n_users, 1), np.float32), counts[:, None])
-
+from recranker_jax.retrieval.backbones import BACKBONES, Context, Fitted
+from recranker_jax.run import SPLITS, RetrievalFolder, write_candidates, write_embeddings, write_json
 
 def planted_candidates(scorer: Scorer, data: SplitData, split: str, k: int,
                        batch_users: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -65,49 +58,33 @@ def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Pat
     mesh = make_mesh(cfg.mesh)
     metrics: dict[str, dict] = {}
     history: dict[str, list] = {}
-    scorers: dict[str, Scorer] = {}
+    fitted: dict[str, Fitted] = {}
     for name in retrieval.models:
         started = time.time()
         folder.model(name).mkdir(parents=True, exist_ok=True)
-        if name in ("lightgcn", "mf"):
-            result = train_bpr(
-                data, retrieval, retrieval.layers if name == "lightgcn" else 0, cfg.run.seed,
-                mesh=mesh, rules=cfg.mesh.rules, checkpoint_dir=checkpoint_root / name, name=name, progress=progress,
-            )
-        elif name == "explicit_mf":
-            model, result = train_explicit_mf(
-                data, retrieval.explicit_mf, cfg.run.seed, checkpoint_dir=checkpoint_root / name, progress=progress
-            )
-            write_explicit_mf(folder.explicit_mf, {
-                "user_factors": np.asarray(model.user_factors[...]), "item_factors": np.asarray(model.item_factors[...]),
-                "user_bias": np.asarray(model.user_bias[...]), "item_bias": np.asarray(model.item_bias[...]),
-                "mean_rating": np.float32(model.mean_rating)})
-        else:
-            result = None
-            scorers[name] = popularity_scorer(data)
+        model = BACKBONES[name]
+        fitted[name] = result = model.fit(Context(data, cfg, mesh, checkpoint_root / name, folder, progress))
         entry: dict = {}
-        if result is not None:
-            scorers[name] = result.scorer
+        if result.params is not None:
             checkpointer = ocp.StandardCheckpointer()
             checkpointer.save((folder.model(name) / "params").resolve(), result.params)
             checkpointer.wait_until_finished()
             history[name] = result.history
             entry.update(best_epoch=result.best_epoch, epochs_run=result.history[-1]["epoch"] if result.history else 0)
-        if name != "explicit_mf":  # a ranking model: its factors score (user, item) pairs for hints
-            write_embeddings(folder.embeddings(name), scorers[name].user_factors, scorers[name].item_factors)
+        if model.ranks:  # its factors score (user, item) pairs for the hints and cluster sampling (training data only)
+            write_embeddings(folder.embeddings(name), result.scorers["valid"].user_factors,
+                             result.scorers["valid"].item_factors)
         for split in ("valid", "test"):
-            entry[split] = evaluate(scorers[name], data, split, retrieval.eval_batch_users)
-        if name == "explicit_mf":
-            for split in ("valid", "test"):
-                entry[split]["rmse"] = held_out_rmse(model, data, split)
+            entry[split] = {**evaluate(result.scorers[split], data, split, retrieval.eval_batch_users),
+                            **result.metrics.get(split, {})}
         entry["seconds"] = round(time.time() - started, 2)
         metrics[name] = entry
 
-    backbone = scorers[retrieval.backbone]
+    backbone = fitted[retrieval.backbone].scorers
     for split in SPLITS:
-        items, scores = top_k(backbone, exclusions(data, split), retrieval.candidates, retrieval.eval_batch_users)
+        items, scores = top_k(backbone[split], exclusions(data, split), retrieval.candidates, retrieval.eval_batch_users)
         write_candidates(folder.candidates(split), data, items, scores)
-        items, scores = planted_candidates(backbone, data, split, retrieval.candidates, retrieval.eval_batch_users)
+        items, scores = planted_candidates(backbone[split], data, split, retrieval.candidates, retrieval.eval_batch_users)
         write_candidates(folder.planted(split), data, items, scores)
     result_json = {"backbone": retrieval.backbone, "candidates": retrieval.candidates, "models": metrics}
     write_json(folder.metrics, result_json)
