@@ -90,10 +90,32 @@ class ExplicitMFConfig:
 
 
 @dataclasses.dataclass
+class SequenceConfig:
+    """SASRec (`retrieval.models` entry `sasrec`; retrieval/sasrec.py): the last `max_len`
+    training likes in time order, `blocks` causal self-attention blocks of `heads` heads,
+    full-softmax cross-entropy (`ce`) or BCE with one sampled negative (`bce`, the paper's),
+    early stopping on validation NDCG@10 like the other models."""
+
+    max_len: int = 50
+    dim: int = 64
+    blocks: int = 2
+    heads: int = 1
+    dropout: float = 0.2
+    lr: float = 1e-3
+    batch_size: int = 128
+    epochs: int = 200
+    eval_every: int = 5
+    patience: int = 5
+    loss: Literal["ce", "bce"] = "ce"
+    l2: float = 0.0
+
+
+@dataclasses.dataclass
 class RetrievalConfig:
     """The conventional recommenders (RecRanker's backbones) and their candidates.
 
-    models: any of lightgcn, mf (BPR-MF = LightGCN with 0 layers), explicit_mf, popularity.
+    models: any of lightgcn, mf (BPR-MF = LightGCN with 0 layers), explicit_mf, popularity, sasrec
+      (its settings: `sequence`), or a model added with `retrieval.backbones.register_backbone`.
     backbone: the model whose top-`candidates` items the LLM re-ranks.
     propagation: dense | edges | auto (dense while the user x item matrix is small).
     eval_every / patience: validate NDCG@10 every N epochs; stop after `patience`
@@ -114,6 +136,7 @@ class RetrievalConfig:
     propagation: Literal["auto", "dense", "edges"] = "auto"
     eval_batch_users: int = 1024
     explicit_mf: ExplicitMFConfig = dataclasses.field(default_factory=ExplicitMFConfig)
+    sequence: SequenceConfig = dataclasses.field(default_factory=SequenceConfig)
 
 
 @dataclasses.dataclass

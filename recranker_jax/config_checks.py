@@ -19,7 +19,8 @@ FILE_SOURCES = ("ml-100k", "ml-1m", "bookcrossing")
 SOURCES = ("movielens-small", *FILE_SOURCES, "tfds:<name>")
 # The retrieval models by name and whether each ranks items (may be retrieval.backbone); the
 # built-in ones, and any that `retrieval.backbones.register_backbone` adds (before the config loads).
-RETRIEVAL_MODELS: dict[str, bool] = {"lightgcn": True, "mf": True, "explicit_mf": False, "popularity": True}
+RETRIEVAL_MODELS: dict[str, bool] = {"lightgcn": True, "mf": True, "explicit_mf": False, "popularity": True,
+                                     "sasrec": True}
 
 
 def register_model_name(name: str, ranks: bool) -> None:
@@ -78,6 +79,16 @@ def check_retrieval(retrieval: Any) -> None:
             f"({', '.join(m for m in known if known[m])}), got models {retrieval.models}"
         )
     _positive("retrieval", retrieval, ("candidates", "dim", "batch_size", "epochs", "eval_every", "patience"))
+    sequence = retrieval.sequence
+    _positive("retrieval.sequence", sequence, ("dim", "blocks", "heads", "batch_size", "epochs", "eval_every", "patience"))
+    if sequence.max_len < 2:
+        raise RecRankerError(f"retrieval.sequence.max_len={sequence.max_len}: expected at least 2 (a like and the one "
+                             "that follows it)")
+    if sequence.dim % sequence.heads:
+        raise RecRankerError(f"retrieval.sequence.heads={sequence.heads}: expected a divisor of retrieval.sequence.dim="
+                             f"{sequence.dim}")
+    if not 0 <= sequence.dropout < 1:
+        raise RecRankerError(f"retrieval.sequence.dropout={sequence.dropout}: expected 0 <= dropout < 1")
 
 
 def check_sampling(sampling: Any) -> None:

@@ -270,9 +270,17 @@ def format_table(metrics_json: dict, split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def backbone_of(run_dir: Path) -> str:
+    """The retrieval backbone of a run (retrieval/metrics.json), or – when that file is absent."""
+    path = RunFolder(run_dir).retrieval.metrics
+    return str(_read_json(path).get("backbone", "–")) if path.is_file() else "–"
+
+
 def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
-    """One markdown table, a row per (run, method), for ablations side by side; the candidates
-    column says whether a run used the retrieved candidates (the protocol) or planted ones."""
+    """One markdown table, a row per (run, method), for ablations side by side: the backbone
+    whose candidates a run re-ranked (its own order is the run's `backbone` row, the baseline
+    of the paired test), and whether it used the retrieved candidates (the protocol) or
+    planted ones."""
     run_dirs = [Path(d) for d in run_dirs]
     documents = [load_ranking_metrics(d) for d in run_dirs]
     results = [(d, _split(m, split, str(RunFolder(d).ranking.metrics))) for d, m in zip(run_dirs, documents)]
@@ -290,8 +298,8 @@ def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
             test = entry.get("paired", {}).get(f"ndcg@{first_k}", {})
             paired = ("–" if test.get("difference") is None
                       else f"{_signed(test['difference'])} (p = {_value(test.get('p_value'), 3)})")
-            rows.append([run, candidate_set(document), method, str(entry["conditional"]["users"])]
+            rows.append([run, backbone_of(run_dir), candidate_set(document), method, str(entry["conditional"]["users"])]
                         + [_with_interval(entry["metrics"].get(n), entry["intervals"].get(n)) for n in names]
                         + [paired])
-    return _markdown(["run", "candidates", "method", "hit users"] + [_label(n) for n in names]
+    return _markdown(["run", "backbone", "candidates", "method", "hit users"] + [_label(n) for n in names]
                      + [f"ΔNDCG@{first_k} vs backbone (p)"], rows)

@@ -104,3 +104,27 @@ def test_a_model_that_only_rates_cannot_be_the_backbone_and_unknown_names_are_re
         load_config("quickstart", ["retrieval.models=[rater, lightgcn]", "retrieval.backbone=rater"])
     with pytest.raises(RecRankerError, match=r"retrieval.models: unknown \['nope'\]"):
         load_config("quickstart", ["retrieval.models=[nope, lightgcn]"])
+
+
+def test_sasrec_is_a_backbone_ranking_each_split_from_its_own_sequence(tmp_path):
+    from recranker_jax.run import read_embeddings
+
+    assert main(["retrieval", f"run.root={tmp_path}", "retrieval.models=[sasrec, explicit_mf]",
+                 "retrieval.backbone=sasrec", "retrieval.sequence.epochs=2", "retrieval.sequence.eval_every=1",
+                 "retrieval.sequence.dim=16", "retrieval.sequence.batch_size=256", "retrieval.explicit_mf.epochs=1",
+                 "retrieval.explicit_mf.eval_every=1"]) == 0
+    run = tmp_path / "quickstart"
+    data = load_split(run / "data")
+    import json
+
+    entry = json.loads((run / "retrieval" / "metrics.json").read_text())["models"]["sasrec"]
+    likes = np.bincount(data.train_user[data.train_is_like], minlength=data.n_users)
+    assert entry["stats"]["single_like_users"] == int(np.sum(likes == 1))
+    assert entry["stats"]["users_trained"] == int(np.sum(likes >= 2)) and entry["epochs_run"] == 2
+    users, items = read_embeddings(run / "retrieval" / "sasrec" / "embeddings.npz")  # training sequences only
+    valid = candidate_items(run / "retrieval" / "candidates_valid.csv", data)
+    want = top_items(users @ items.T, exclusions(data, "valid"), 10)
+    assert np.mean(np.sort(valid, axis=1) == np.sort(want, axis=1)) > 0.99  # float ties aside
+    test = candidate_items(run / "retrieval" / "candidates.csv", data)
+    assert not (test == data.valid_item[:, None]).any()  # the validation item is input, never a candidate
+    assert (np.sort(test, axis=1) != np.sort(valid, axis=1)).any(axis=1).mean() > 0.5  # a longer sequence

@@ -289,11 +289,15 @@ def test_format_table_numbers(tmp_path):
 def test_compare_runs_side_by_side(tmp_path):
     first = fake_run(tmp_path, "full")
     second = fake_run(tmp_path, "no_hints", order_hybrid=CANDIDATES)
+    (second / "retrieval").mkdir(exist_ok=True)
+    (second / "retrieval" / "metrics.json").write_text(json.dumps({"backbone": "sasrec", "candidates": 10}))
     text = compare_runs([first, second])
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    rows = [[c.strip() for c in line.strip("|").split("|")][:1] + [c.strip() for c in line.strip("|").split("|")][2:]
+            for line in text.splitlines()[2:]]  # without the backbone column, checked here:
+    assert [line.split("|")[2].strip() for line in text.splitlines()[2:]] == ["lightgcn"] * 3 + ["sasrec"] * 3
     assert [(r[0], r[2]) for r in rows] == [(run, m) for run in ("full", "no_hints") for m in ("backbone", "pointwise", "hybrid")]
     assert {r[1] for r in rows} == {"retrieved"}  # metrics without a candidates key are the protocol's
-    assert text.splitlines()[0] == ("| run | candidates | method | hit users | HR@1 | NDCG@1 | HR@3 | NDCG@3 "
+    assert text.splitlines()[0] == ("| run | backbone | candidates | method | hit users | HR@1 | NDCG@1 | HR@3 | NDCG@3 "
                                     "| ΔNDCG@1 vs backbone (p) |")
     for run_dir, row in ((first, rows[2]), (second, rows[5])):
         hybrid = json.loads((run_dir / "ranking" / "metrics.json").read_text())["splits"]["test"]["methods"]["hybrid"]
@@ -316,7 +320,7 @@ def test_a_planted_run_is_titled_as_such_and_compared_beside_a_protocol_run(tmp_
     metrics = json.loads((planted / "metrics.json").read_text())
     assert "test: 5 users, planted candidates" in format_table(metrics)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in compare_runs([protocol, planted]).splitlines()[2:]]
-    assert [(r[0], r[1], r[2]) for r in rows] == (
+    assert [(r[0], r[2], r[3]) for r in rows] == (
         [("protocol", "retrieved", m) for m in ("backbone", "pointwise", "hybrid")]
         + [("planted", "planted", m) for m in ("backbone", "transition", "pointwise", "hybrid")])
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from recranker_jax.config import Config
@@ -44,13 +45,15 @@ class Context:
 class Fitted:
     """A trained backbone: `scorers[split]` scores (user, item) pairs for ranking that split's
     held-out item (score = user_factors[u] . item_factors[i]); `params` (an nnx.State or None)
-    is saved under retrieval/<name>/params; `metrics[split]` adds figures to its evaluation."""
+    is saved under retrieval/<name>/params; `metrics[split]` adds figures to its evaluation and
+    `stats` facts about its training data (both in metrics.json)."""
 
     scorers: dict[str, Scorer]
     params: Any = None
     history: list[dict] = dataclasses.field(default_factory=list)
     best_epoch: int | None = None
     metrics: dict[str, dict] = dataclasses.field(default_factory=dict)
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,3 +114,19 @@ def popularity(ctx: Context) -> Fitted:
     _, items = liked_pairs(ctx.data)
     counts = np.bincount(items, minlength=ctx.data.n_items).astype(np.float32)
     return Fitted(same_for_both(Scorer(np.ones((ctx.data.n_users, 1), np.float32), counts[:, None])))
+
+
+@register_backbone("sasrec")
+def sasrec(ctx: Context) -> Fitted:
+    """SASRec on the training likes (retrieval.sequence); the test item is ranked from the
+    training sequence plus the validation item, the validation item from the training one."""
+    from recranker_jax.retrieval.sasrec import SASRecSettings, fit_sasrec, sasrec_scorer, scoring_sequences
+
+    settings = SASRecSettings(**dataclasses.asdict(ctx.cfg.retrieval.sequence),
+                              eval_batch_users=ctx.cfg.retrieval.eval_batch_users)
+    model, history = fit_sasrec(ctx.data, settings, ctx.mesh, ctx.cfg.run.seed, ctx.progress, rules=ctx.cfg.mesh.rules,
+                                checkpoint_dir=ctx.checkpoint_dir)
+    scorers = {split: sasrec_scorer(model, scoring_sequences(ctx.data, split, settings.max_len), settings.eval_batch_users)
+               for split in ("valid", "test")}
+    return Fitted(scorers, nnx.state(model, nnx.Param), history["records"], history["best_epoch"],
+                  stats=history["stats"])

@@ -64,7 +64,7 @@ def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Pat
         folder.model(name).mkdir(parents=True, exist_ok=True)
         model = BACKBONES[name]
         fitted[name] = result = model.fit(Context(data, cfg, mesh, checkpoint_root / name, folder, progress))
-        entry: dict = {}
+        entry: dict = {"stats": result.stats} if result.stats else {}
         if result.params is not None:
             checkpointer = ocp.StandardCheckpointer()
             checkpointer.save((folder.model(name) / "params").resolve(), result.params)
