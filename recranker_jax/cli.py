@@ -56,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = stages.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_retrieval = bench_commands.add_parser(
-        "retrieval", help="LightGCN epoch and full-ranking time: JAX (dense, edges) vs PyTorch torch.sparse.mm"
+        "retrieval", help="retrieval epoch and full-ranking time, JAX vs PyTorch: LightGCN (dense, edges vs "
+                          "torch.sparse.mm) or SASRec (--model sasrec)"
     )
     _add_common(bench_retrieval, default_config="quickstart")
+    bench_retrieval.add_argument("--model", default="lightgcn", choices=["lightgcn", "sasrec"],
+                                 help="lightgcn (retrieval.* settings) or sasrec (retrieval.sequence.* settings)")
     bench_retrieval.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median)")
     bench_retrieval.add_argument("--out", help="also write the results as JSON to this file")
     bench_all = bench_commands.add_parser(
@@ -208,7 +211,7 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise RecRankerError(f"--repeats {args.repeats}: expected a positive integer")
-    doc = bench_retrieval(load_config(args.config, args.overrides), repeats=args.repeats)
+    doc = bench_retrieval(load_config(args.config, args.overrides), repeats=args.repeats, model=args.model)
     return _show_results(doc, format_results, args.out)
 
 

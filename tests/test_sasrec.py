@@ -16,6 +16,7 @@ from recranker_jax.retrieval.sasrec import (
     evaluate_sasrec,
     fit_sasrec,
     sasrec_loss,
+    sasrec_problem,
     sasrec_scorer,
     sasrec_scores,
     scoring_sequences,
@@ -220,3 +221,18 @@ def test_batch_that_does_not_split_over_the_mesh_is_one_line_error(data):
         pytest.skip("needs 8 simulated devices")
     with pytest.raises(RecRankerError, match=r"retrieval.sequence.batch_size=12 must be a multiple of the 8 batch shards"):
         fit_sasrec(data, dataclasses.replace(FAST, batch_size=12), make_mesh(MeshConfig()), 0, False)
+
+
+def test_the_ce_loss_over_packed_real_positions_equals_the_loss_over_every_position(data):
+    settings = dataclasses.replace(FAST, dropout=0.0, batch_size=8)
+    problem = sasrec_problem(data, settings, 0)
+    batches = problem.epoch_batches(0)
+    targets = batches["targets"]
+    assert batches["positions"].shape[1] % 1024 == 0 or batches["positions"].shape[1] == targets[0].size
+    for step in range(len(targets)):
+        packed = {k: jnp.asarray(v[step]) for k, v in batches.items()}
+        real = np.flatnonzero(targets[step].reshape(-1) > 0)  # independently: where a next item exists
+        assert np.array_equal(batches["positions"][step][batches["position_mask"][step] > 0], real)
+        full = {k: v for k, v in packed.items() if k not in ("positions", "position_mask")}
+        np.testing.assert_allclose(float(sasrec_loss(problem.model, packed, "ce", 0.0)),
+                                   float(sasrec_loss(problem.model, full, "ce", 0.0)), rtol=1e-5)

@@ -1,6 +1,8 @@
-"""`recranker bench retrieval`: one LightGCN training epoch and one full-ranking pass, timed for
-this JAX implementation (dense and edge-list propagation) and for a plain PyTorch
-torch.sparse.mm implementation, on the same split and hyper-parameters.
+"""`recranker bench retrieval`: one training epoch and one full-ranking pass of a retrieval model,
+timed for this JAX implementation and for a plain PyTorch one on the same split, batches and
+hyper-parameters. `--model lightgcn` (the default): JAX dense and edge-list propagation vs
+torch.sparse.mm (bench/torch_lightgcn.py); `--model sasrec`: the jitted `lax.scan` epoch of
+`fit_sasrec` vs an eager PyTorch SASRec of the same architecture (bench/torch_sasrec.py).
 
 Each variant runs in its own process so that its peak resident memory is its own.
 Times are medians over repeats after one warm-up (compilation) run.
@@ -17,11 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-from recranker_jax.config import Config, RetrievalConfig
+from recranker_jax.config import Config, ExplicitMFConfig, RetrievalConfig, SequenceConfig
 from recranker_jax.errors import RecRankerError
 from recranker_jax.run import DataFolder, read_json
 
-VARIANTS = ("jax-dense", "jax-edges", "torch-sparse")
+VARIANTS = ("jax-dense", "jax-edges", "torch-sparse")  # --model lightgcn
+SASREC_VARIANTS = ("jax-sasrec", "torch-sasrec")  # --model sasrec
+MODEL_VARIANTS = {"lightgcn": VARIANTS, "sasrec": SASREC_VARIANTS}
+TORCH_BASELINE = {"lightgcn": "torch-sparse", "sasrec": "torch-sasrec"}
 RANK_K = 20
 
 
@@ -71,10 +76,7 @@ def measure_jax(data_dir: Path, cfg: RetrievalConfig, backend: str, repeats: int
 
 
 def measure_torch(data_dir: Path, cfg: RetrievalConfig, repeats: int, seed: int) -> dict:
-    try:
-        import torch
-    except ImportError:
-        raise RecRankerError("bench retrieval compares against PyTorch: pip install torch==2.13.0 (or the test extra)") from None
+    torch = _torch_or_error()
     from recranker_jax.bench.torch_lightgcn import TorchLightGCN, full_ranking, train_epoch
     from recranker_jax.data.split import load_split
     from recranker_jax.retrieval.evaluate import exclusions
@@ -97,10 +99,98 @@ def measure_torch(data_dir: Path, cfg: RetrievalConfig, repeats: int, seed: int)
             "torch_threads": torch.get_num_threads()}
 
 
+def _torch_or_error():
+    try:
+        import torch
+    except ImportError:
+        raise RecRankerError("bench retrieval compares against PyTorch: pip install torch==2.13.0 (or the test extra)") from None
+    return torch
+
+
+def sasrec_settings(cfg: RetrievalConfig):
+    """The SASRec settings of a run config's retrieval section (as retrieval/backbones.py builds them)."""
+    from recranker_jax.retrieval.sasrec import SASRecSettings
+
+    return SASRecSettings(**dataclasses.asdict(cfg.sequence), eval_batch_users=cfg.eval_batch_users)
+
+
+def measure_jax_sasrec(data_dir: Path, cfg: RetrievalConfig, repeats: int, seed: int) -> dict:
+    """`fit_sasrec`'s epoch: host-side batches (shuffle, negatives, dropout keys) + the jitted scan."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from recranker_jax.data.split import load_split
+    from recranker_jax.retrieval.evaluate import exclusions, top_k
+    from recranker_jax.retrieval.sasrec import sasrec_problem, sasrec_scorer, scoring_sequences
+    from recranker_jax.retrieval.train import make_epoch_fn
+
+    data = load_split(data_dir)
+    settings = sasrec_settings(cfg)
+    problem = sasrec_problem(data, settings, seed)
+    tx = optax.adam(settings.lr)
+    graphdef, params = nnx.split(problem.model, nnx.Param)
+    run_epoch = make_epoch_fn(graphdef, problem.loss, tx)
+    state = {"params": params, "opt": tx.init(params), "epoch": 0}
+
+    def epoch() -> None:
+        batches = problem.shard_batches(problem.epoch_batches(state["epoch"]))
+        state["params"], state["opt"], loss = run_epoch(state["params"], state["opt"], batches)
+        jax.block_until_ready(loss)
+        state["epoch"] += 1
+
+    sequences = scoring_sequences(data, "valid", settings.max_len)
+    exclude = exclusions(data, "valid")
+
+    def rank() -> None:
+        scorer = sasrec_scorer(nnx.merge(graphdef, state["params"]), sequences, settings.eval_batch_users)
+        top_k(scorer, exclude, RANK_K, settings.eval_batch_users)
+
+    return {"epoch_seconds": _timed(epoch, repeats), "rank_seconds": _timed(rank, repeats),
+            "steps_per_epoch": int(problem.epoch_batches(0)["inputs"].shape[0]), "loss": settings.loss}
+
+
+def measure_torch_sasrec(data_dir: Path, cfg: RetrievalConfig, repeats: int, seed: int) -> dict:
+    """The PyTorch SASRec's eager epoch on the JAX problem's batches (built inside the timed epoch too)."""
+    torch = _torch_or_error()
+    from recranker_jax.bench.torch_sasrec import TorchSASRec, full_ranking, train_epoch
+    from recranker_jax.data.split import load_split
+    from recranker_jax.retrieval.evaluate import exclusions
+    from recranker_jax.retrieval.sasrec import sasrec_problem, scoring_sequences
+
+    data = load_split(data_dir)
+    settings = sasrec_settings(cfg)
+    model = TorchSASRec(data.n_items, settings.max_len, settings.dim, settings.blocks, settings.heads, settings.dropout, seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    problem = sasrec_problem(data, settings, seed)  # its batch builder: the same shuffles and negatives
+    counter = {"epoch": 0}
+
+    def epoch() -> None:
+        train_epoch(model, optimizer, problem.epoch_batches(counter["epoch"]), settings.loss, settings.l2)
+        counter["epoch"] += 1
+
+    sequences = scoring_sequences(data, "valid", settings.max_len)
+    exclude = exclusions(data, "valid")
+    return {"epoch_seconds": _timed(epoch, repeats),
+            "rank_seconds": _timed(lambda: full_ranking(model, sequences, exclude, RANK_K, settings.eval_batch_users), repeats),
+            "steps_per_epoch": int(problem.epoch_batches(0)["inputs"].shape[0]), "loss": settings.loss,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _retrieval_config(cfg_json: str) -> RetrievalConfig:
+    fields = json.loads(cfg_json)
+    return RetrievalConfig(**{**fields, "explicit_mf": ExplicitMFConfig(**fields["explicit_mf"]),
+                              "sequence": SequenceConfig(**fields["sequence"])})
+
+
 def _variant_main(argv: list[str]) -> None:
     variant, data_dir, cfg_json, repeats, seed = argv
-    cfg = RetrievalConfig(**{k: v for k, v in json.loads(cfg_json).items() if k != "explicit_mf"})
-    if variant == "torch-sparse":
+    cfg = _retrieval_config(cfg_json)
+    if variant == "jax-sasrec":
+        result = measure_jax_sasrec(Path(data_dir), cfg, int(repeats), int(seed))
+    elif variant == "torch-sasrec":
+        result = measure_torch_sasrec(Path(data_dir), cfg, int(repeats), int(seed))
+    elif variant == "torch-sparse":
         result = measure_torch(Path(data_dir), cfg, int(repeats), int(seed))
     else:
         result = measure_jax(Path(data_dir), cfg, variant.removeprefix("jax-"), int(repeats), int(seed))
@@ -108,9 +198,14 @@ def _variant_main(argv: list[str]) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def bench_retrieval(cfg: Config, repeats: int = 3, variants: tuple[str, ...] = VARIANTS) -> dict:
-    """Run every variant in a subprocess on the config's split; returns the results document."""
+def bench_retrieval(cfg: Config, repeats: int = 3, variants: tuple[str, ...] | None = None, model: str = "lightgcn") -> dict:
+    """Run every variant of `model` (default: all of them) in a subprocess on the config's split;
+    returns the results document."""
     from recranker_jax.pipeline import run
+
+    if model not in MODEL_VARIANTS:
+        raise RecRankerError(f"bench retrieval: unknown model {model!r}; expected one of {', '.join(MODEL_VARIANTS)}")
+    variants = MODEL_VARIANTS[model] if variants is None else variants
 
     data_dir, _ = run(cfg, "data")
     meta = read_json(DataFolder(data_dir).meta)
@@ -126,11 +221,16 @@ def bench_retrieval(cfg: Config, repeats: int = 3, variants: tuple[str, ...] = V
         results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
     from recranker_jax.hardware import environment
 
+    problem = {"model": model, "source": meta["source"], "users": meta["users_kept"], "items": meta["items"],
+               "train_likes": meta["train_likes"], "rank_k": RANK_K}
+    if model == "sasrec":
+        problem.update({k: v for k, v in dataclasses.asdict(cfg.retrieval.sequence).items()
+                        if k not in ("epochs", "eval_every", "patience")})
+    else:
+        problem.update(dim=cfg.retrieval.dim, layers=cfg.retrieval.layers, batch_size=cfg.retrieval.batch_size)
     return {
         "benchmark": "retrieval",
-        "problem": {"source": meta["source"], "users": meta["users_kept"], "items": meta["items"],
-                    "train_likes": meta["train_likes"], "dim": cfg.retrieval.dim, "layers": cfg.retrieval.layers,
-                    "batch_size": cfg.retrieval.batch_size, "rank_k": RANK_K},
+        "problem": problem,
         "environment": environment(),  # the schema `recranker bench compare` reads
         "repeats": repeats,
         "results": results,
@@ -142,12 +242,13 @@ def format_results(doc: dict) -> str:
     rows = [f"{'variant':<14}{'epoch s':>10}{'rank s':>10}{'peak MB':>10}"]
     for name, r in results.items():
         rows.append(f"{name:<14}{r['epoch_seconds']:>10.3f}{r['rank_seconds']:>10.3f}{r['peak_rss_mb']:>10.0f}")
-    if "torch-sparse" in results:
-        for name in ("jax-dense", "jax-edges"):
-            if name in results:
-                epoch_ratio = results[name]["epoch_seconds"] / results["torch-sparse"]["epoch_seconds"]
-                rank_ratio = results[name]["rank_seconds"] / results["torch-sparse"]["rank_seconds"]
-                rows.append(f"{name} / torch-sparse: epoch time x{epoch_ratio:.2f}, ranking time x{rank_ratio:.2f}")
+    baseline = TORCH_BASELINE[doc["problem"].get("model", "lightgcn")]
+    if baseline in results:
+        for name in results:
+            if name.startswith("jax-"):
+                epoch_ratio = results[name]["epoch_seconds"] / results[baseline]["epoch_seconds"]
+                rank_ratio = results[name]["rank_seconds"] / results[baseline]["rank_seconds"]
+                rows.append(f"{name} / {baseline}: epoch time x{epoch_ratio:.2f}, ranking time x{rank_ratio:.2f}")
     return "\n".join(rows)
 
 

@@ -191,7 +191,11 @@ def sasrec_loss(model: SASRec, batch: dict[str, jax.Array], loss: str, l2: float
     weight = (targets > 0).astype(jnp.float32)
     table = model.item_embedding[...]
     if loss == "ce":
-        logits = jnp.einsum("bld,nd->bln", hidden, table)
+        if "positions" in batch:  # only the real positions, packed: [P] flat indices into B * L
+            hidden = hidden.reshape(-1, hidden.shape[-1])[batch["positions"]]
+            targets = targets.reshape(-1)[batch["positions"]]
+            weight = batch["position_mask"].astype(jnp.float32)
+        logits = jnp.einsum("...d,nd->...n", hidden, table)
         column = jnp.arange(table.shape[0])
         logits = jnp.where((column >= 1) & (column <= model.n_items), logits, NEG)
         target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -230,6 +234,22 @@ def sasrec_scores(model: SASRec, sequences: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- training
+
+
+def real_positions(targets: np.ndarray, bucket: int = 1024) -> dict[str, np.ndarray]:
+    """Each step's positions with a target, as flat indices into its [B, L] rows: `positions`
+    and `position_mask` [steps, P], P the most any step has, rounded up to `bucket` (so epochs
+    share a compiled shape) and at most B * L."""
+    steps, rows, length = targets.shape
+    flat = targets.reshape(steps, -1) > 0
+    capacity = min(-(-max(int(flat.sum(axis=1).max()), 1) // bucket) * bucket, rows * length)
+    positions = np.zeros((steps, capacity), np.int32)
+    mask = np.zeros((steps, capacity), np.int32)
+    for step, real in enumerate(flat):
+        where = np.flatnonzero(real)
+        positions[step, : len(where)] = where
+        mask[step, : len(where)] = 1
+    return {"positions": positions, "position_mask": mask}
 
 
 @dataclasses.dataclass
@@ -275,6 +295,8 @@ def sasrec_problem(data: SplitData, settings: SASRecSettings, seed: int, mesh: M
             return np.concatenate([rows, np.zeros((pad, rows.shape[1]), rows.dtype)]).reshape(steps, batch_size, -1)
 
         batch = {"inputs": stack(inputs[order]), "targets": stack(targets[order])}
+        if settings.loss == "ce":  # the softmax runs only where there is a next item (~60% of positions here)
+            batch.update(real_positions(batch["targets"]))
         if settings.loss == "bce":  # one uniform item per position that the user never liked in training
             users = np.repeat(owner[order], settings.max_len)
             batch["negative"] = stack((sample_negatives(rng, users, data.n_items, positive_keys) + 1).reshape(len(order), -1))
@@ -286,7 +308,8 @@ def sasrec_problem(data: SplitData, settings: SASRecSettings, seed: int, mesh: M
         if mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
         row_spec = logical_spec([None, "batch", None], rules)
-        return place_tree(batch, mesh, {k: PartitionSpec() if k == "key" else row_spec for k in batch})
+        replicated = ("key", "positions", "position_mask")
+        return place_tree(batch, mesh, {k: PartitionSpec() if k in replicated else row_spec for k in batch})
 
     def loss(model: SASRec, batch: dict[str, jax.Array]) -> jax.Array:
         return sasrec_loss(model, batch, settings.loss, settings.l2)
