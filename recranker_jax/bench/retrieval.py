@@ -108,10 +108,10 @@ def _torch_or_error():
 
 
 def sasrec_settings(cfg: RetrievalConfig):
-    """The SASRec settings of a run config's retrieval section (as retrieval/backbones.py builds them)."""
+    """The SASRec settings of a run config's retrieval section."""
     from recranker_jax.retrieval.sasrec import SASRecSettings
 
-    return SASRecSettings(**dataclasses.asdict(cfg.sequence), eval_batch_users=cfg.eval_batch_users)
+    return SASRecSettings.of(cfg)
 
 
 def measure_jax_sasrec(data_dir: Path, cfg: RetrievalConfig, repeats: int, seed: int) -> dict:

@@ -122,8 +122,7 @@ def sasrec(ctx: Context) -> Fitted:
     training sequence plus the validation item, the validation item from the training one."""
     from recranker_jax.retrieval.sasrec import SASRecSettings, fit_sasrec, sasrec_scorer, scoring_sequences
 
-    settings = SASRecSettings(**dataclasses.asdict(ctx.cfg.retrieval.sequence),
-                              eval_batch_users=ctx.cfg.retrieval.eval_batch_users)
+    settings = SASRecSettings.of(ctx.cfg.retrieval)
     model, history = fit_sasrec(ctx.data, settings, ctx.mesh, ctx.cfg.run.seed, ctx.progress, rules=ctx.cfg.mesh.rules,
                                 checkpoint_dir=ctx.checkpoint_dir)
     scorers = {split: sasrec_scorer(model, scoring_sequences(ctx.data, split, settings.max_len), settings.eval_batch_users)

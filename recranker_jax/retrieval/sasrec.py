@@ -48,10 +48,15 @@ class SASRecSettings:
     batch_size: int = 128
     epochs: int = 200
     eval_every: int = 5
-    patience: int = 5
+    patience: int = 10
     loss: str = "ce"
     l2: float = 0.0
     eval_batch_users: int = 1024
+
+    @classmethod
+    def of(cls, retrieval) -> SASRecSettings:
+        """The settings of a run config's retrieval section (`retrieval.sequence`)."""
+        return cls(**dataclasses.asdict(retrieval.sequence), eval_batch_users=retrieval.eval_batch_users)
 
 
 # ----------------------------------------------------------------------------- sequences
