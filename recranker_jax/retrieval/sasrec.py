@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from recranker_jax.config import MeshConfig
+from recranker_jax.config import MeshConfig, SequenceConfig
 from recranker_jax.config_checks import check_batch
 from recranker_jax.data.split import SplitData
 from recranker_jax.errors import RecRankerError
@@ -33,24 +33,13 @@ from recranker_jax.retrieval.train import fit, pad_rows, padded_rows, sample_neg
 NEG = -1e30  # masked attention / logit value (finite: a fully masked row stays NaN-free)
 
 
-@dataclasses.dataclass(frozen=True)
-class SASRecSettings:
-    """SASRec's hyper-parameters (from config.SequenceConfig, checked there at load). loss: "ce"
-    (full softmax over the catalogue at every position) or "bce" (one sampled negative per
-    position, the paper's); l2: lambda/2 |params|^2."""
+@dataclasses.dataclass
+class SASRecSettings(SequenceConfig):
+    """SASRec's hyper-parameters: the config's `retrieval.sequence` section (config.SequenceConfig,
+    checked there at load) plus the users per scoring batch. loss: "ce" (full softmax over the
+    catalogue at every position) or "bce" (one sampled negative per position, the paper's);
+    l2: lambda/2 |params|^2."""
 
-    max_len: int = 50
-    dim: int = 64
-    blocks: int = 2
-    heads: int = 1
-    dropout: float = 0.2
-    lr: float = 1e-3
-    batch_size: int = 128
-    epochs: int = 200
-    eval_every: int = 5
-    patience: int = 10
-    loss: str = "ce"
-    l2: float = 0.0
     eval_batch_users: int = 1024
 
     @classmethod
