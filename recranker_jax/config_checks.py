@@ -55,7 +55,11 @@ def _positive(section: str, owner: Any, keys: Sequence[str]) -> None:
 
 
 def check_run(run: Any) -> None:
-    """run.name is one folder inside run.root: not empty, no path separator, not . or .."""
+    """run.name is one folder inside run.root: not empty, no path separator, not . or ..; run.root
+    is a folder of this machine's filesystem (stages write it with ordinary file I/O)."""
+    if "://" in run.root:
+        raise RecRankerError(f"run.root={run.root}: expected a folder path; a bucket is used through a mount "
+                             "(e.g. gcsfuse: run.root=/mnt/bucket/runs), since the stages write plain files")
     name = run.name
     if not name.strip() or "/" in name or "\\" in name or name in (".", "..") or name != name.strip():
         raise RecRankerError(f"run.name={name!r}: expected a folder name inside run.root (no '/', not empty, "

@@ -1,10 +1,18 @@
 """Pre-flight check the launch scripts run before starting a multi-host job: does the
-config's mesh fit the machines about to be rented or started?
+config's mesh fit the machines about to be rented or started, and will every host find the
+config's paths and share its run folder?
 
-    python -m recranker_jax.launch_check --config FILE --devices N [key=value ...]
+    python -m recranker_jax.launch_check --config FILE --devices N [--hosts H]
+        [--workdir-copy DST ...] [key=value ...]
 
 prints `ok: mesh (a, b, c) over (data, fsdp, tensor) on N devices` (exit 0) or the
 problem as one `error: ...` line (exit 2). Nothing here touches a device.
+
+- `--hosts H` > 1: run.root must be absolute (relative, each host would have its own folder).
+- `--workdir-copy DST` (launch/tpu_pod.sh, once per --copy, also when there is none: pass
+  `--workdir-copy ''`): the workers start the command in a working folder where the relative
+  --copy destinations land and nothing else; each relative path of the config must be one of
+  them or inside one. Absolute and ~ paths are the workers' own and are not checked.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import PurePosixPath
 
 from recranker_jax.config import load_config
 from recranker_jax.errors import RecRankerError
@@ -29,13 +38,50 @@ def check_mesh_fits(config_path: str | None, overrides: Sequence[str], devices: 
     return f"ok: mesh {tuple(shape)} over ({', '.join(cfg.mesh.axes)}) on {devices} devices"
 
 
+# The config keys that name files or folders a run reads (run.root, the one it writes, is checked apart).
+READ_PATHS = ("data.path", "prompts.tokenizer", "model.checkpoint")
+
+
+def _is_relative(path: str) -> bool:
+    return not path.startswith(("/", "~", "package:"))
+
+
+def check_hosts(config_path: str | None, overrides: Sequence[str], hosts: int,
+                workdir_copies: Sequence[str] | None = None) -> None:
+    """A RecRankerError when `hosts` > 1 hosts would not share run.root, or (with `workdir_copies`,
+    the relative --copy destinations) a relative path of the config is not copied to the workers."""
+    cfg = load_config(config_path, list(overrides))
+    if hosts > 1 and _is_relative(cfg.run.root):
+        raise RecRankerError(
+            f"run.root={cfg.run.root} is relative, so each of the {hosts} hosts would write its own folder; give an "
+            "absolute path every host mounts (NFS, Filestore, a gcsfuse-mounted bucket)")
+    if workdir_copies is None:
+        return
+    copied = [PurePosixPath(d) for d in workdir_copies if d]
+    for dotted in READ_PATHS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None or not _is_relative(value):
+            continue
+        path = PurePosixPath(value)
+        if not any(path == d or d in path.parents for d in copied):
+            raise RecRankerError(
+                f"{dotted}={value} is relative, but no --copy puts it on the workers (relative paths there are inside "
+                f"the working folder ~/recranker, where only relative --copy destinations land): add --copy "
+                f"LOCAL:{value} or give an absolute path on the workers")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recranker_jax.launch_check", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config file or bundled config name; default: built-in defaults")
     parser.add_argument("--devices", type=int, required=True, help="accelerator devices of the whole job")
+    parser.add_argument("--hosts", type=int, default=1, help="hosts (processes joined over the network) of the job")
+    parser.add_argument("--workdir-copy", action="append", metavar="DST",
+                        help="a relative --copy destination in the workers' working folder (repeat; '' for none)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
+        check_hosts(args.config, args.overrides, args.hosts, args.workdir_copy)
         print(check_mesh_fits(args.config, args.overrides, args.devices))
     except RecRankerError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -117,7 +117,8 @@ def distributed_settings(environ: Mapping[str, str]) -> dict | None:
       detection (`jax.distributed.initialize()` without arguments).
     - RECRANKER_COORDINATOR (host:port), RECRANKER_NUM_PROCESSES, RECRANKER_PROCESS_ID: all
       three or none; RECRANKER_CPU_COLLECTIVES (gloo, the default with several processes, or mpi)
-      is what the CPU backend uses between processes (the only backend that reads it).
+      is what the CPU backend uses between processes (the only backend that reads it, so gloo is
+      also the default of the auto form).
     - Slurm inside an `srun` step with more than one task, or a TPU pod (several
       TPU_WORKER_HOSTNAMES, or MEGASCALE_COORDINATOR_ADDRESS): JAX's cluster detection.
 
@@ -157,7 +158,7 @@ def distributed_settings(environ: Mapping[str, str]) -> dict | None:
     tpu_hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     if (mode == "auto" or (in_slurm_step and slurm_tasks.isdigit() and int(slurm_tasks) > 1)
             or len(tpu_hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS")):
-        return {"auto": True, "cpu_collectives": collectives}
+        return {"auto": True, "cpu_collectives": collectives or "gloo"}
     return None
 
 
@@ -243,6 +244,18 @@ def broadcast_text(name: str, text: str | None) -> str:
         client.key_value_set(key, text or "")
         return text or ""
     return client.blocking_key_value_get(key, 3600 * 1000)
+
+
+def gather_text(name: str, text: str, timeout_s: float = 3600) -> list[str]:
+    """Every process's `text`, in process order, in every process; no device collective."""
+    if jax.process_count() == 1:
+        return [text]
+    from jax._src.distributed import global_state
+
+    client = global_state.client
+    key = f"recranker/{next(_exchanges)}/{name}"
+    client.key_value_set(f"{key}/{jax.process_index()}", text)
+    return [client.blocking_key_value_get(f"{key}/{i}", int(timeout_s * 1000)) for i in range(jax.process_count())]
 
 
 def array_sharding(mesh: Mesh, shape: Sequence[int], logical_axes: Sequence[str | None], rules: dict[str, list[str]]) -> NamedSharding:

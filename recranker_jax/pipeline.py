@@ -21,12 +21,18 @@ a checkpoint into the same folder anyway). Only process 0 writes stage folders:
   builds the stage's folder as usual, the others build alongside it into a scratch folder
   runs/<name>/.process-<i>/<stage>/ (their builders write nothing; it is removed after) and
   return once process 0's folder is complete. Process 0 alone decides whether it is cached.
+
+Before the first stage, `check_shared_root` proves the sharing: process 0 writes a token file
+into run.root and every process must see it, else all stop with one line naming the folder.
+How long a process waits for another host's files to appear (a network filesystem may show
+them late) is RECRANKER_FS_WAIT_S seconds, default 30.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -283,6 +289,62 @@ def several_processes() -> bool:
     return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
+def fs_wait_s() -> float:
+    """Seconds to wait for files another process wrote to show up here (RECRANKER_FS_WAIT_S)."""
+    value = os.environ.get("RECRANKER_FS_WAIT_S", "30")
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        raise RecRankerError(f"RECRANKER_FS_WAIT_S={value}: expected a number of seconds") from None
+
+
+def _appears(path: Path, text: str, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if path.read_text() == text:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+_shared_roots: set[str] = set()
+
+
+def check_shared_root(cfg: Config) -> None:
+    """With several processes: every one sees the files process 0 writes into run.root (each
+    process resolves run.root itself, so a relative one is relative to its own directory),
+    else a RecRankerError in all of them. Once per root and process."""
+    from recranker_jax.parallel import broadcast_text, gather_text, is_primary
+
+    root = Path(cfg.run.root)
+    if not several_processes() or str(root) in _shared_roots:
+        return
+    token = None
+    if is_primary():
+        root.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(8)
+        (root / f".shared-{token}").write_text(token)
+    token = broadcast_text("run.root token", token)
+    probe = root / f".shared-{token}"
+    try:
+        seen = gather_text("run.root seen", str(is_primary() or _appears(probe, token, fs_wait_s())))
+    finally:
+        if is_primary():
+            probe.unlink(missing_ok=True)
+    blind = [str(i) for i, answer in enumerate(seen) if answer != "True"]
+    if blind:
+        raise RecRankerError(
+            f"run.root={cfg.run.root}: process {', '.join(blind)} of {len(seen)} does not see the file process 0 "
+            f"wrote there ({probe.name}); with several hosts run.root must be one folder every host mounts "
+            "(NFS, Filestore, a gcsfuse-mounted bucket), given as an absolute path"
+        )
+    _shared_roots.add(str(root))
+
+
 def upstream_digests(cfg: Config, name: str) -> dict[str, str]:
     """The digests of every finished stage `name` reads, directly or through its upstream."""
     digests, upstream = {}, STAGES[name].upstream
@@ -326,6 +388,7 @@ def run(cfg: Config, name: str, progress: bool = True) -> tuple[Path, bool]:
     chain = [name]
     while STAGES[chain[-1]].upstream:
         chain.append(STAGES[chain[-1]].upstream)
+    check_shared_root(cfg)
     run_folder = RunFolder.of(cfg)
     check_paths(cfg, [s for s in chain if finished_key(run_folder.stage(s)) != cache_key(cfg, s)])
     return _run(cfg, name, progress)
@@ -368,10 +431,13 @@ def _process_zero_stage(cfg: Config, stage: Stage) -> tuple[Path, bool]:
     cached = on_primary(f"the {stage.name} stage", build_in_child)
     cached = broadcast_text(f"was the {stage.name} stage cached", str(cached) if is_primary() else None) == "True"
     key = cache_key(cfg, stage.name)
-    for _ in range(30):  # a network filesystem may show another host's new files a little late
+    deadline = time.monotonic() + fs_wait_s()  # a network filesystem may show another host's new files late
+    while True:
         if finished_key(folder) == key:
             return folder, cached
-        time.sleep(1)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
     raise RecRankerError(
         f"{folder}: this process does not see the stage process 0 finished; with several processes "
         "run.root must be on a filesystem all of them share (NFS, Filestore, gcsfuse)"

@@ -33,7 +33,7 @@ def test_explicit_variables_give_the_initialize_arguments():
 
 
 def test_cluster_environments_use_jax_detection_and_others_are_single_process():
-    auto = {"auto": True, "cpu_collectives": None}
+    auto = {"auto": True, "cpu_collectives": "gloo"}
     assert distributed_settings({}) is None
     assert distributed_settings(SLURM_STEP) == auto
     assert distributed_settings({**SLURM_STEP, "SLURM_NTASKS": "1"}) is None
@@ -100,6 +100,30 @@ def test_check_mesh_fits_resolves_the_mesh_and_the_batch(capsys):
         "error: mesh.shape=[4, -1, 1]: the fixed axes (4 devices) do not divide the 6 available devices\n")
 
 
+def test_check_hosts_wants_a_shared_run_root_and_copied_relative_paths():
+    from recranker_jax.launch_check import check_hosts
+
+    check_hosts("quickstart", [], 1)  # one host: a relative run.root is its own folder, fine
+    with pytest.raises(RecRankerError, match=r"^run.root=runs is relative, so each of the 2 hosts would write its own"):
+        check_hosts("quickstart", [], 2)
+    pod = ["run.root=/shared/runs", "data.source=ml-100k", "data.path=data/ml-100k"]
+    check_hosts("quickstart", pod, 2, ["", "data"])  # inside a copied folder
+    check_hosts("quickstart", pod, 2, ["data/ml-100k"])  # the copied folder itself
+    check_hosts("quickstart", [*pod[:2], "data.path=/mnt/ml-100k", "prompts.tokenizer=~/tok"], 2, [""])  # workers' own
+    with pytest.raises(RecRankerError, match=r"^data.path=data/ml-100k is relative, but no --copy puts it on the workers"):
+        check_hosts("quickstart", pod, 2, ["", "data/ml-1m"])
+    with pytest.raises(RecRankerError, match=r"^prompts.tokenizer=tok is relative"):
+        check_hosts("quickstart", [*pod, "prompts.tokenizer=tok"], 2, ["data"])
+
+
+def test_a_bucket_url_is_not_a_run_root():
+    from recranker_jax.config import load_config
+
+    with pytest.raises(RecRankerError, match=r"^run.root=gs://b/runs: expected a folder path; a bucket is used through a "
+                                             r"mount \(e.g. gcsfuse: run.root=/mnt/bucket/runs\)"):
+        load_config("quickstart", ["run.root=gs://b/runs"])
+
+
 # ----------------------------------------------------------------------------- scripts
 
 
@@ -149,13 +173,16 @@ def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
     assert ok.returncode == 0 and [(tmp_path / "ok" / f"process-{i}.log").read_text() for i in (0, 1)] == ["0\n", "1\n"]
 
 
-def test_tpu_pod_dry_run_installs_copies_and_starts_on_every_worker(tmp_path):
+def test_tpu_pod_dry_run_installs_copies_ships_the_config_and_starts_on_every_worker(tmp_path):
     source = tmp_path / "src"
-    source.mkdir()
+    (source).mkdir()
+    (tmp_path / "data" / "ml-1m").mkdir(parents=True)
+    (tmp_path / "llama").mkdir()
     done = script("tpu_pod.sh", "--name", "pod", "--zone", "us-central2-b", "--project", "proj",
                   "--accelerator-type", "v4-32", "--install-from", str(source), "--copy", "data/ml-1m:/mnt/data/ml-1m",
-                  "--dry-run", "--", "recranker", "pipeline", "--config", "quickstart", "run.root=/mnt/shared/runs",
-                  "train.batch_size=16", cwd=tmp_path, TMPDIR="/tmp")
+                  "--copy", "llama:checkpoints/llama", "--dry-run", "--", "recranker", "pipeline", "--config", "quickstart",
+                  "run.root=/mnt/shared/runs", "train.batch_size=16", "model.checkpoint=checkpoints/llama/7b",
+                  "prompts.tokenizer=checkpoints/llama/7b", cwd=tmp_path, TMPDIR="/tmp")
     assert done.returncode == 0, done.stderr
     ssh = "gcloud compute tpus tpu-vm ssh pod --zone=us-central2-b --project=proj --worker=all --command"
     scp = "gcloud compute tpus tpu-vm scp --zone=us-central2-b --project=proj --worker=all"
@@ -163,18 +190,24 @@ def test_tpu_pod_dry_run_installs_copies_and_starts_on_every_worker(tmp_path):
         f"tar -czf /tmp/recranker-src.tar.gz --exclude=./runs --exclude=./.git --exclude=__pycache__ -C {source} .",
         f"{scp} /tmp/recranker-src.tar.gz 'pod:~/recranker-src.tar.gz'",
         (f"{ssh} 'rm -rf ~/recranker-src && mkdir -p ~/recranker-src && tar -xzf ~/recranker-src.tar.gz -C ~/recranker-src"
-        " && python3 -m pip install -U '\\''jax[tpu]'\\'' ~/recranker-src'"),
+         " && mkdir -p ~/recranker && rm -rf /mnt/data/ml-1m && mkdir -p \"$(dirname /mnt/data/ml-1m)\" && rm -rf "
+         "~/recranker/checkpoints/llama && mkdir -p \"$(dirname ~/recranker/checkpoints/llama)\" && python3 -m pip "
+         "install -U '\\''jax[tpu]'\\'' ~/recranker-src'"),
         f"{scp} --recurse data/ml-1m pod:/mnt/data/ml-1m",
-        (f"{ssh} 'mkdir -p ~/recranker-logs && RECRANKER_DISTRIBUTED=auto recranker pipeline --config quickstart "
-        "run.root=/mnt/shared/runs train.batch_size=16 > ~/recranker-logs/worker-$(hostname).log 2>&1'"),
+        f"{scp} --recurse llama pod:recranker/checkpoints/llama",
+        f"{scp} {REPO / 'configs' / 'quickstart.yaml'} pod:recranker/config.yaml",
+        (f"{ssh} 'mkdir -p ~/recranker ~/recranker-logs && cd ~/recranker && RECRANKER_DISTRIBUTED=auto python3 -m "
+         "recranker_jax.cli pipeline --config ~/recranker/config.yaml run.root=/mnt/shared/runs train.batch_size=16 "
+         "model.checkpoint=checkpoints/llama/7b prompts.tokenizer=checkpoints/llama/7b > ~/recranker-logs/worker-$(hostname).log 2>&1'"),
     ]
     assert done.stderr == "ok: mesh (16, 1, 1) over (data, fsdp, tensor) on 16 devices\n"  # v4-32: 16 chips
     resumed = script("tpu_pod.sh", "--name", "pod", "--zone", "z", "--devices", "8", "--wheel", "r.whl", "--resume",
-                     "--dry-run", "--", "recranker", "finetune", "--config=quickstart", "train.batch_size=8", cwd=tmp_path)
-    assert resumed.stdout.splitlines() == [  # --resume: the same command, nothing reinstalled
-        ("gcloud compute tpus tpu-vm ssh pod --zone=z --worker=all --command 'mkdir -p ~/recranker-logs && "
-        "RECRANKER_DISTRIBUTED=auto recranker finetune --config=quickstart train.batch_size=8 > "
-        "~/recranker-logs/worker-$(hostname).log 2>&1'")]
+                     "--dry-run", "--", "recranker", "finetune", "train.batch_size=8", cwd=tmp_path)
+    assert resumed.stdout.splitlines() == [  # --resume: the same command, nothing reinstalled; the stage's default config
+        f"gcloud compute tpus tpu-vm scp --zone=z --worker=all {REPO / 'configs' / 'quickstart.yaml'} pod:recranker/config.yaml",
+        ("gcloud compute tpus tpu-vm ssh pod --zone=z --worker=all --command 'mkdir -p ~/recranker ~/recranker-logs && "
+         "cd ~/recranker && RECRANKER_DISTRIBUTED=auto python3 -m recranker_jax.cli finetune --config "
+         "~/recranker/config.yaml train.batch_size=8 > ~/recranker-logs/worker-$(hostname).log 2>&1'")]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -192,7 +225,7 @@ def test_tpu_pod_refuses_before_starting(tmp_path, args, message):
     if not any(a in options for a in ("--devices", "--accelerator-type")):
         options += ["--devices", "8"]
     done = script("tpu_pod.sh", "--name", "pod", "--zone", "z", "--dry-run", *options, "--", "recranker", "pipeline",
-                  "--config", "quickstart", "train.batch_size=4", *overrides, cwd=tmp_path)
+                  "--config", "quickstart", "train.batch_size=4", "run.root=/mnt/runs", *overrides, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr and done.stdout == "", done.stderr
 
 
@@ -207,14 +240,14 @@ def test_tpu_pod_needs_its_name_zone_devices_and_command(tmp_path):
 
 
 def test_slurm_dry_run_prints_srun_and_its_environment(tmp_path):
-    done = script("gpu_slurm.sbatch", "train.batch_size=16", "train.lora.targets=[q, v]", cwd=tmp_path,
-                  CONFIG="quickstart", DRY_RUN="1")
+    done = script("gpu_slurm.sbatch", "train.batch_size=16", "train.lora.targets=[q, v]", "run.root=/shared/runs",
+                  cwd=tmp_path, CONFIG="quickstart", DRY_RUN="1")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "nodes=2 gpus_per_node=8 devices=16",  # the script's #SBATCH lines
         ("RECRANKER_DISTRIBUTED=auto srun --nodes=2 --ntasks-per-node=8 --gpus-per-task=1 --kill-on-bad-exit=1 "
         "--output=runs/logs/slurm-JOB-task-%t.log recranker pipeline --config quickstart train.batch_size=16 "
-        "'train.lora.targets=[q, v]'"),
+        "'train.lora.targets=[q, v]' run.root=/shared/runs"),
     ]
     inside = script("gpu_slurm.sbatch", "--dry-run", "mesh.shape=[2,-1,1]", "train.batch_size=8", cwd=tmp_path,
                     CONFIG="quickstart", SLURM_JOB_ID="991", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="4",

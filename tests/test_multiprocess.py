@@ -1,16 +1,15 @@
 """Several processes joined by `jax.distributed` (CPU devices, gloo collectives) train like one.
 
-Each test starts 2 local processes (this file run as a script, or `recranker` through
-launch/local_multiprocess.sh) whose devices form one global mesh, and compares what they
-compute with a single process holding the same number of devices (the pytest process: 8
-simulated CPU devices, tests/conftest.py).
+The test starts 2 local processes (this file run as a script) whose devices form one global
+mesh, and compares what they compute with a single process holding the same number of devices
+(the pytest process: 8 simulated CPU devices, tests/conftest.py). The whole pipeline through
+the launchers is in tests/test_rehearsal.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -175,68 +174,6 @@ def test_two_processes_train_and_export_like_one(tmp_path):
     ours = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     want = load_file(str(tmp_path / "reference-adapter" / "adapter_model.safetensors"))
     assert sorted(ours) == sorted(want) and all(np.array_equal(ours[k], want[k]) for k in want)
-
-
-FINETUNE = ["retrieval.epochs=2", "retrieval.eval_every=1", "retrieval.dim=16", "retrieval.batch_size=64",
-            "retrieval.models=[lightgcn,explicit_mf]", "retrieval.explicit_mf.epochs=2",
-            "retrieval.explicit_mf.eval_every=1", "sampling.size=100", "sampling.clusters=4",
-            "prompts.tokenizer_vocab_size=600", "train.steps=3", "train.batch_size=8", "train.seq_len=256",
-            "train.lr=1e-2", "train.warmup_steps=1", "model.hidden_size=32", "model.intermediate_size=64",
-            f"mesh.shape=[{','.join(map(str, MESH_SHAPE))}]"]
-
-
-def test_launcher_runs_finetune_on_two_processes_like_one(tmp_path):
-    """launch/local_multiprocess.sh -- recranker finetune: process 0 builds retrieval and
-    instructions in its single-process child, both processes train, process 0 writes."""
-    needs_the_same_device_count()
-    from safetensors.numpy import load_file
-
-    from recranker_jax.config import load_config
-    from recranker_jax.pipeline import build_cached, cache_key
-    from recranker_jax.pipeline import run as run_stage
-    from recranker_jax.run import RunFolder
-    from tests.helpers import synthetic_split
-
-    multi = load_config("quickstart", [f"run.root={tmp_path / 'multi'}", *FINETUNE])
-    build_cached(RunFolder.of(multi).data.path, cache_key(multi, "data"), lambda out: synthetic_split(out))  # cached data
-    recranker = Path(sys.executable).with_name("recranker")
-    command = [str(recranker)] if recranker.exists() else [sys.executable, "-m", "recranker_jax.cli"]
-    env = {k: v for k, v in process_env(0, 0).items() if not k.startswith("RECRANKER_")}
-    env["PYTHON"] = sys.executable
-    launcher = ["bash", str(REPO / "launch" / "local_multiprocess.sh"), "-n", str(PROCESSES), "--devices-per-process",
-                str(DEVICES_PER_PROCESS), "--logs", str(tmp_path / "logs"), "--", *command, "finetune", "--config",
-                "quickstart", f"run.root={tmp_path / 'multi'}", *FINETUNE]
-    done = subprocess.run(launcher, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    logs = [(tmp_path / "logs" / f"process-{i}.log").read_text() for i in range(PROCESSES)]
-    assert done.returncode == 0, done.stderr + "\n".join(log[-3000:] for log in logs)
-    assert all("[finetune] done" in log for log in logs)  # process 1 read the summary process 0 wrote
-    run = multi.run_dir
-    assert all((run / stage / "_stage.json").is_file() for stage in ("retrieval", "instructions", "finetune"))
-    assert not list(run.glob(".process-*")) and not list(run.glob(".*-child.yaml"))
-    assert "- 1\n  - 4\n  - 2\n" in (run / "config.yaml").read_text()  # the user's mesh, not the child's
-    losses = [json.loads(line)["loss"] for line in (run / "finetune" / "train_log.jsonl").read_text().splitlines()]
-
-    # Again: process 0 finds the stage cached, and process 1 reports what process 0 found.
-    again = [*launcher[: launcher.index("--logs") + 1], str(tmp_path / "again"), "--", *command, "instructions",
-             "--config", "quickstart", f"run.root={tmp_path / 'multi'}", *FINETUNE]
-    done = subprocess.run(again, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    logs = [(tmp_path / "again" / f"process-{i}.log").read_text() for i in range(PROCESSES)]
-    assert done.returncode == 0, done.stderr + "\n".join(log[-3000:] for log in logs)
-    assert all("[instructions] cached" in log for log in logs), logs
-
-    # One process with the same 8 devices, on the same instructions.
-    single = load_config("quickstart", [f"run.root={tmp_path / 'single'}", *FINETUNE])
-    for stage in ("data", "retrieval", "instructions"):
-        shutil.copytree(run / stage, single.run_dir / stage)
-    out, cached = run_stage(single, "finetune", progress=False)
-    assert not cached
-    want = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(losses) == 3
-    np.testing.assert_allclose(losses, want, rtol=1e-5)
-    ours, reference = load_file(str(run / "finetune" / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
-    assert sorted(ours) == sorted(reference)
-    for name in reference:
-        np.testing.assert_allclose(ours[name], reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 if __name__ == "__main__":
