@@ -305,9 +305,11 @@ class RankConfig:
     alphas: hybrid weights of U_point, U_pair, U_list (1:1:1 is the reference's).
     users: hits (only users whose held-out item is among the candidates; the others are
       misses whatever the LLM does) or all.
-    candidates: retrieved (the backbone's top-k: the RecRanker protocol) or planted (the
+    candidates: retrieved (the backbone's top-k: the RecRanker protocol), planted (the
       backbone's top k-1 other items plus the held-out item, in backbone score order: every
-      user counts, a powered comparison of re-rankers on the same k items).
+      user counts, but the backbone order puts the held-out item last unless it is a hit) or
+      sampled (the held-out item plus k-1 items the user never rated, drawn uniformly, in
+      backbone score order: every user counts and the backbone order is a real baseline).
     baselines: non-LLM re-rankers shown as extra methods: transition (item-to-item
       transitions among training likes), random (a seeded random order: the reference under
       planted candidates) or any model of retrieval.models but the backbone (its scores on
@@ -322,7 +324,7 @@ class RankConfig:
     list_positions: int = 5
     alphas: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
     users: Literal["hits", "all"] = "hits"
-    candidates: Literal["retrieved", "planted"] = "retrieved"
+    candidates: Literal["retrieved", "planted", "sampled"] = "retrieved"
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["transition", "random"])
     splits: list[str] = dataclasses.field(default_factory=lambda: ["test", "valid"])
     ks: list[int] = dataclasses.field(default_factory=lambda: [3, 5, 10])

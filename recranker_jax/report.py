@@ -15,9 +15,15 @@ from recranker_jax.run import RunFolder
 # The backbone order, the non-LLM controls (rank.baselines), then the LLM's methods.
 METHOD_ORDER = ("backbone", "random", "transition", "lightgcn", "mf", "explicit_mf", "popularity",
                 "pointwise", "pairwise", "listwise", "hybrid")
-PLANTED = ("planted evaluation: each user's candidates are the backbone's best other items plus the held-out item, "
-           "in backbone score order, so every user counts (not the RecRanker protocol; the backbone order keeps its "
-           "protocol HR@j and NDCG@j below the last position)")
+# The evaluations where every user's candidates hold the held-out item (rank.candidates), described.
+EVERY_USER = {
+    "planted": ("planted evaluation: each user's candidates are the backbone's best other items plus the held-out "
+                "item, in backbone score order, so every user counts (not the RecRanker protocol; the backbone order "
+                "keeps its protocol HR@j and NDCG@j below the last position)"),
+    "sampled": ("sampled evaluation: each user's candidates are the held-out item plus items the user never rated, "
+                "drawn uniformly, in backbone score order, so every user counts and the backbone order is a real "
+                "baseline (not the RecRanker protocol)"),
+}
 RETRIEVAL_COLUMNS = ("recall@10", "ndcg@10", "hr@10", "protocol_hr@3", "protocol_ndcg@3", "protocol_hr@5", "protocol_ndcg@5")
 
 
@@ -37,7 +43,7 @@ def load_ranking_metrics(run_dir: Path) -> dict:
 
 
 def candidate_set(metrics_json: dict) -> str:
-    """Which candidates a run ranked: retrieved (the RecRanker protocol) or planted."""
+    """Which candidates a run ranked: retrieved (the RecRanker protocol), planted or sampled."""
     return metrics_json.get("candidates", "retrieved")
 
 
@@ -146,8 +152,8 @@ def _retrieval_section(retrieval: dict) -> list[str]:
 
 
 def _split_section(name: str, result: dict, candidates: str = "retrieved") -> list[str]:
-    who = (f"{result['users']} users, all with the held-out item among the candidates ({PLANTED})."
-           if candidates == "planted" else
+    who = (f"{result['users']} users, all with the held-out item among the candidates ({EVERY_USER[candidates]})."
+           if candidates in EVERY_USER else
            f"{result['users']} users; {result['hit_users']} have the held-out item among the candidates "
            "(every other user is a miss whatever the re-ranker does).")
     if candidates == "planted" and result.get("held_out_last") is not None:
@@ -155,7 +161,7 @@ def _split_section(name: str, result: dict, candidates: str = "retrieved") -> li
                 "others it is among the backbone's top k-1), so a re-ranker gains against the backbone order merely "
                 "by disagreeing with it: compare with the random order.")
     lines = [
-        f"## Split: {name}" + (" (planted evaluation)" if candidates == "planted" else ""),
+        f"## Split: {name}" + (f" ({candidates} evaluation)" if candidates in EVERY_USER else ""),
         "",
         f"{who} Intervals: 95% percentile bootstrap over users ({result.get('bootstrap', '?')} resamples).",
         "",
@@ -224,7 +230,7 @@ def write_report(run_dir: Path) -> Path:
         raise RecRankerError(f"{run.ranking.metrics}: no splits; run `recranker rank` again")
     lines = [f"# RecRanker report: {run_dir.name}", ""]
     candidates = candidate_set(ranking)
-    what = ("the planted evaluation, not the RecRanker protocol" if candidates == "planted"
+    what = (f"the {candidates} evaluation, not the RecRanker protocol" if candidates in EVERY_USER
             else "retrieve-top-k-then-re-rank (the RecRanker protocol)")
     lines.append(f"Re-ranking mode: {ranking.get('mode', '?')}. Candidates: {candidates}. HR@k and NDCG@k of {what} "
                  "over all users; NDCG@k = 1 / log2(rank + 1) for a hit at rank <= k.")
@@ -257,8 +263,8 @@ def format_table(metrics_json: dict, split: str = "test") -> str:
     name_width = max(len(m) for m in cells) + 2
     lines = [f"{'method':<{name_width}}" + "".join(f"{_label(n):>{width}}" for n in names)]
     lines += [f"{m:<{name_width}}" + "".join(f"{c:>{width}}" for c in row) for m, row in cells.items()]
-    if candidate_set(metrics_json) == "planted":
-        lines.append(f"{split}: {result['users']} users, planted candidates ({PLANTED})")
+    if (candidates := candidate_set(metrics_json)) in EVERY_USER:
+        lines.append(f"{split}: {result['users']} users, {candidates} candidates ({EVERY_USER[candidates]})")
     else:
         lines.append(f"{split}: {result['users']} users, {result['hit_users']} with the held-out item among the candidates")
     for method in _methods(result):
@@ -280,7 +286,7 @@ def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
     """One markdown table, a row per (run, method), for ablations side by side: the backbone
     whose candidates a run re-ranked (its own order is the run's `backbone` row, the baseline
     of the paired test), and whether it used the retrieved candidates (the protocol) or
-    planted ones."""
+    planted or sampled ones."""
     run_dirs = [Path(d) for d in run_dirs]
     documents = [load_ranking_metrics(d) for d in run_dirs]
     results = [(d, _split(m, split, str(RunFolder(d).ranking.metrics))) for d, m in zip(run_dirs, documents)]

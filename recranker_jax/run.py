@@ -74,6 +74,15 @@ class RetrievalFolder:
         k-1 other items plus the split's held-out item, in backbone score order."""
         return self.path / _split_file("candidates_planted", split, "csv")
 
+    def sampled(self, split: str) -> Path:
+        """The sampled evaluation's candidates (`rank.candidates=sampled`): the split's held-out
+        item plus k-1 items the user never rated, drawn uniformly, in backbone score order."""
+        return self.path / _split_file("candidates_sampled", split, "csv")
+
+    def candidate_set(self, kind: str, split: str) -> Path:
+        """The candidates `rank.candidates=kind` re-ranks: retrieved, planted or sampled."""
+        return {"retrieved": self.candidates, "planted": self.planted, "sampled": self.sampled}[kind](split)
+
     def model(self, name: str) -> Path:
         """A model's folder: params/ (Orbax) and, for ranking models, embeddings.npz."""
         return self.path / name
@@ -272,7 +281,8 @@ def write_candidates(path: Path, data: Any, items: np.ndarray, scores: np.ndarra
 def read_candidates(path: Path, data: Any) -> list[list[int]]:
     """Per user (SplitData order), the candidate item indices in retrieval order."""
     if not path.is_file():
-        raise RecRankerError(f"{path} not found: run `recranker retrieval` first")
+        raise RecRankerError(f"{path} not found: run `recranker retrieval` first (a retrieval stage finished by an "
+                             "older version may lack this file: remove its folder to rebuild it)")
     frame = pd.read_csv(path, dtype={"user_id": str, "item_id": str})
     users = pd.Index(data.user_ids.astype(str)).get_indexer(frame["user_id"])
     items = pd.Index(data.items["item_id"].astype(str)).get_indexer(frame["item_id"])

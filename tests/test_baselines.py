@@ -18,7 +18,7 @@ from recranker_jax.metrics import protocol_metrics
 from recranker_jax.rank import baselines, hybrid
 from recranker_jax.rank.stage import baseline_utilities
 from recranker_jax.retrieval.evaluate import Scorer, exclusions, top_k
-from recranker_jax.retrieval.stage import planted_candidates
+from recranker_jax.retrieval.stage import planted_candidates, sampled_candidates
 from recranker_jax.run import RetrievalFolder, write_embeddings
 from tests.helpers import synthetic_split
 
@@ -188,6 +188,45 @@ def test_planted_candidates_hold_the_held_out_item_once_in_backbone_score_order(
     assert np.allclose(planted["ndcg@3"], protocol["ndcg@3"]) and np.allclose(planted["hr@3"], protocol["hr@3"])
 
 
+@pytest.mark.parametrize("split", ["test", "valid"])
+def test_sampled_candidates_hold_the_held_out_item_among_unrated_items_in_backbone_score_order(data, split):
+    rng = np.random.default_rng(4)
+    scorer = Scorer(rng.normal(size=(data.n_users, 6)).astype(np.float32),
+                    rng.normal(size=(data.n_items, 6)).astype(np.float32))
+    items, scores = sampled_candidates(scorer, data, split, 10, seed=5, batch_users=16)
+    target = data.test_item if split == "test" else data.valid_item
+    rated = {(u, i) for u, i in zip(data.train_user.tolist(), data.train_item.tolist())}
+    rated |= {(u, int(data.valid_item[u])) for u in range(data.n_users)} | {(u, int(data.test_item[u])) for u in range(data.n_users)}
+    for u in range(data.n_users):
+        row = items[u].tolist()
+        assert len(row) == len(set(row)) == 10 and row.count(int(target[u])) == 1
+        assert not any((u, i) in rated for i in row if i != target[u])  # negatives: never rated, in any split
+        own = scorer.item_factors[row].astype(np.float64) @ scorer.user_factors[u]
+        assert scores[u] == pytest.approx(own, rel=1e-4, abs=1e-5) and (np.diff(own) <= 1e-5).all()
+    # Unlike the planted set, the held-out item sits wherever the backbone scores it: here, with
+    # random factors, at every rank about equally often (40 users: each rank 4 times on average).
+    ranks = (items == target[:, None]).argmax(axis=1)
+    assert len(set(ranks.tolist())) >= 6 and (ranks < 9).mean() > 0.5
+    again, _ = sampled_candidates(scorer, data, split, 10, seed=5, batch_users=7)
+    other, _ = sampled_candidates(scorer, data, split, 10, seed=6)
+    assert np.array_equal(again, items)  # the seed alone decides, not the batching
+    assert not np.array_equal(other, items)
+
+
+def test_sampled_negatives_are_uniform_over_unrated_items(data):
+    """Over many seeds each unrated item of a user is drawn about equally often."""
+    scorer = Scorer(np.ones((data.n_users, 2), np.float32), np.ones((data.n_items, 2), np.float32))
+    counts = np.zeros(data.n_items)
+    for seed in range(300):
+        items, _ = sampled_candidates(scorer, data, "test", 10, seed=seed)
+        counts += np.bincount(items[0][items[0] != data.test_item[0]], minlength=data.n_items)
+    rated = set(data.train_item[data.train_user == 0].tolist()) | {int(data.valid_item[0]), int(data.test_item[0])}
+    unrated = [i for i in range(data.n_items) if i not in rated]
+    assert counts[sorted(rated)].sum() == 0
+    expected = 300 * 9 / len(unrated)
+    assert np.abs(counts[unrated] - expected).max() < 5 * np.sqrt(expected)  # binomial, 5 sd
+
+
 # ----------------------------------------------------------------------------- config
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -195,7 +234,7 @@ def test_planted_candidates_hold_the_held_out_item_once_in_backbone_score_order(
     (["rank.baselines=[lightgcn]"], "'lightgcn' unknown; expected some of transition, random, mf, explicit_mf, popularity"),
     (["rank.baselines=[transition, transition]"], "'transition' listed twice"),
     (["retrieval.models=[lightgcn, explicit_mf]", "rank.baselines=[mf]"], "'mf' unknown"),
-    (["rank.candidates=both"], "config key rank.candidates: expected 'retrieved' | 'planted'"),
+    (["rank.candidates=both"], "config key rank.candidates: expected 'retrieved' | 'planted' | 'sampled'"),
 ])
 def test_bad_baselines_and_candidates_are_one_line_errors_naming_the_key(overrides, needle):
     with pytest.raises(RecRankerError) as err:

@@ -182,3 +182,23 @@ def test_planted_candidates_score_every_user_and_the_baselines_are_methods(run, 
     listed = {p["user_id"]: set(p["candidates"]) for p in prompts if p["task"] == "listwise"}
     assert all(test.set_index("user_id").loc[u, "item_id"] in shown for u, shown in listed.items())
     assert len(listed) == len(test)
+
+
+def test_sampled_candidates_score_every_user_from_the_sampled_file(run, tmp_path):
+    """rank.candidates=sampled: the prompts and the orders are over retrieval's sampled sets, every
+    user is scored, and the backbone order ranks the held-out item where its score falls."""
+    root, _, _ = run
+    cfg = load_config("quickstart", [*SMALL, "rank.candidates=sampled", "rank.baselines=[random]", "rank.splits=[test]"])
+    instructions = folder(tmp_path / "instructions")
+    build_instructions(cfg, root / "data", root / "retrieval", instructions)
+    assert (instructions / "train.jsonl").read_bytes() == (root / "instructions" / "train.jsonl").read_bytes()
+    sampled = build_ranking(cfg, root / "data", root / "retrieval", instructions, root / "finetune",
+                            folder(tmp_path / "ranking"))
+    result, users = sampled["splits"]["test"], len(pd.read_csv(root / "data" / "test.csv"))
+    assert sampled["candidates"] == "sampled" and result["scored_users"] == result["hit_users"] == users
+    assert result["methods"]["backbone"]["metrics"]["hr@10"] == 1.0 and result["held_out_last"] < users
+    file = pd.read_csv(root / "retrieval" / "candidates_sampled.csv", dtype={"user_id": str, "item_id": str})
+    own = file.sort_values(["user_id", "rank"]).groupby("user_id")["item_id"].apply(list).to_dict()
+    prompts = [json.loads(line) for line in (instructions / "test.jsonl").read_text().splitlines()]
+    listed = [p for p in prompts if p["task"] == "listwise"]
+    assert len(listed) == users and all(sorted(p["candidates"]) == sorted(own[p["user_id"]]) for p in listed)

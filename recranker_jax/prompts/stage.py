@@ -1,5 +1,5 @@
 """The instructions stage: sampled users -> training examples of the three tasks, and the
-inference prompts over the backbone's candidates (the retrieved or the planted set,
+inference prompts over the backbone's candidates (the retrieved, planted or sampled set,
 `rank.candidates`), written to runs/<name>/instructions/.
 
 Outputs: train.jsonl (task, user_id, item_ids, prompt, response, source, dropped_history),
@@ -133,15 +133,15 @@ def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Pa
     inference: dict[str, list[PromptParts]] = {}
     empty_candidates = collections.Counter()
     for split in SPLITS:
-        path = retrieval.planted(split) if cfg.rank.candidates == "planted" else retrieval.candidates(split)
+        path = retrieval.candidate_set(cfg.rank.candidates, split)
         inference[split], empty_candidates[split] = inference_prompts(cfg, builder, read_candidates(path, data))
 
     if prompts_cfg.tokenizer:
         tokenizer = load_tokenizer(prompts_cfg.tokenizer)
     else:
-        # The retrieved candidates' test questions, whatever rank.candidates: planted ones hold
-        # every held-out item, which must not shape the vocabulary (the same tokenizer, hence
-        # the same tuned model, in a protocol run and a planted run).
+        # The retrieved candidates' test questions, whatever rank.candidates: planted and sampled
+        # ones hold every held-out item, which must not shape the vocabulary (the same tokenizer,
+        # hence the same tuned model, in a protocol run and a planted or sampled run).
         retrieved = (inference["test"] if cfg.rank.candidates == "retrieved" else
                      inference_prompts(cfg, builder, read_candidates(retrieval.candidates("test"), data))[0])
         corpus = (builder.prefix(p) + p.suffix + (" " + p.response if p.response else "") for p in train)

@@ -5,7 +5,7 @@ runs/<name>/ranking/ (metrics.json, rankings.csv / rankings_valid.csv, scores_<s
 Only users whose held-out item is among the candidates change any metric, so by default
 (`rank.users=hits`) only they are scored; everyone else keeps the retrieval order (a miss
 either way) and the metrics still average over all test users. With `rank.candidates=planted`
-every user's candidates hold the held-out item, so every user is scored. The non-LLM
+or `sampled` every user's candidates hold the held-out item, so every user is scored. The non-LLM
 re-rankers of `rank.baselines` (rank/baselines.py) are methods beside the LLM's.
 """
 
@@ -145,11 +145,10 @@ def build_ranking(cfg: Config, data_dir: Path, retrieval_dir: Path, instructions
     ranker = load_ranker(cfg, data, instructions_dir, finetune_dir)
     item_ids = data.items["item_id"].astype(str).to_numpy()
     retrieval, instructions, ranking = RetrievalFolder(retrieval_dir), InstructionsFolder(instructions_dir), RankingFolder(out)
-    planted = cfg.rank.candidates == "planted"
     document = {"mode": cfg.rank.mode, "users": cfg.rank.users, "candidates": cfg.rank.candidates,
                 "baselines": list(cfg.rank.baselines), "splits": {}}
     for split in cfg.rank.splits:
-        candidates = read_candidates(retrieval.planted(split) if planted else retrieval.candidates(split), data)
+        candidates = read_candidates(retrieval.candidate_set(cfg.rank.candidates, split), data)
         prompts = read_prompts(instructions.prompts(split), data, candidates)
         target = data.test_item if split == "test" else data.valid_item
         result, arrays, cand = rank_split(cfg, ranker, data, candidates, prompts, np.asarray(target),

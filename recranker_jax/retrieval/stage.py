@@ -3,7 +3,8 @@ and write what later stages need into runs/<name>/retrieval/.
 
 Outputs: metrics.json (model -> split -> metric), candidates.csv (test) and
 candidates_valid.csv (user_id, rank, item_id, score) of the backbone, the planted
-evaluation's candidates_planted.csv and candidates_planted_valid.csv (same columns),
+evaluation's candidates_planted.csv and candidates_planted_valid.csv and the sampled
+evaluation's candidates_sampled.csv and candidates_sampled_valid.csv (same columns),
 <model>/params (Orbax) and <model>/embeddings.npz, explicit_mf.npz (the rating
 model behind the pointwise hint), history.json (validation curves).
 """
@@ -42,6 +43,36 @@ def planted_candidates(scorer: Scorer, data: SplitData, split: str, k: int,
     target_scores = np.einsum("ud,ud->u", scorer.user_factors, scorer.item_factors[target])
     items = np.concatenate([items, target[:, None]], axis=1)
     scores = np.concatenate([scores, target_scores[:, None].astype(scores.dtype)], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(items, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def sampled_candidates(scorer: Scorer, data: SplitData, split: str, k: int, seed: int,
+                       batch_users: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled evaluation's candidates (items, scores), [users, k]: the split's held-out item
+    plus k-1 items drawn uniformly, without replacement, from those the user never rated in any
+    split (so no negative is a later like), all in backbone score order (a tie puts the
+    held-out item last). The classic 1 + N sampled-negatives protocol at N = k-1: unlike the
+    planted set, the backbone order puts the held-out item wherever its score falls."""
+    target = (data.test_item if split == "test" else data.valid_item).astype(np.int32)
+    rng = np.random.default_rng([seed, ("valid", "test").index(split)])
+    negatives = np.zeros((data.n_users, k - 1), np.int32)
+    for first in range(0, data.n_users, batch_users):  # [batch, items] at a time
+        users = np.arange(first, min(first + batch_users, data.n_users))
+        rated = np.zeros((len(users), data.n_items), bool)
+        here = (data.train_user >= users[0]) & (data.train_user <= users[-1])
+        rated[data.train_user[here] - users[0], data.train_item[here]] = True
+        rated[np.arange(len(users)), data.valid_item[users]] = True
+        rated[np.arange(len(users)), data.test_item[users]] = True
+        if (short := np.flatnonzero((~rated).sum(axis=1) < k - 1)).size:
+            user = users[short[0]]
+            raise RecRankerError(f"user {data.user_ids[user]} has rated all but {int((~rated[short[0]]).sum())} of "
+                                 f"the {data.n_items} items: too few to draw {k - 1} sampled candidates")
+        # k-1 distinct unrated items: those with the smallest of i.i.d. uniform keys.
+        keys = np.where(rated, np.inf, rng.random(rated.shape))
+        negatives[users] = np.argsort(keys, axis=1, kind="stable")[:, : k - 1]
+    items = np.concatenate([negatives, target[:, None]], axis=1)
+    scores = np.einsum("ud,ukd->uk", scorer.user_factors, scorer.item_factors[items]).astype(np.float32)
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(items, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
@@ -86,6 +117,9 @@ def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Pat
         write_candidates(folder.candidates(split), data, items, scores)
         items, scores = planted_candidates(backbone[split], data, split, retrieval.candidates, retrieval.eval_batch_users)
         write_candidates(folder.planted(split), data, items, scores)
+        items, scores = sampled_candidates(backbone[split], data, split, retrieval.candidates, cfg.run.seed,
+                                           retrieval.eval_batch_users)
+        write_candidates(folder.sampled(split), data, items, scores)
     result_json = {"backbone": retrieval.backbone, "candidates": retrieval.candidates, "models": metrics}
     write_json(folder.metrics, result_json)
     write_json(folder.history, history)
