@@ -27,11 +27,11 @@ from tests.helpers import synthetic_ml100k
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 STAGES = ("data", "retrieval", "instructions", "pretrain", "finetune", "ranking")
-# A minute or two of the whole pipeline: 48 users, 2 retrieval epochs, 6 finetune steps on a 35k-parameter model.
+# A minute or two of the whole pipeline: 48 users, 2 retrieval epochs, 8 finetune steps on a 35k-parameter model.
 TINY = ["data.source=ml-100k", "data.path=data/ml-100k", "retrieval.models=[lightgcn]", "retrieval.epochs=2",
         "retrieval.eval_every=1", "retrieval.dim=16", "retrieval.batch_size=64", "sampling.size=100",
         "sampling.clusters=4", "prompts.hints=false", "prompts.tokenizer_vocab_size=600", "prompts.history_items=10",
-        "prompts.max_tokens=320", "train.steps=6", "train.save_every=2", "train.keep_checkpoint=true",
+        "prompts.max_tokens=320", "train.steps=8", "train.save_every=2", "train.keep_checkpoint=true",
         "train.batch_size=8", "train.seq_len=384", "train.lr=1e-2", "train.warmup_steps=1", "model.hidden_size=32",
         "model.intermediate_size=64", "mesh.shape=[1,2,2]", "rank.methods=[pointwise]", "rank.splits=[test]",
         "rank.baselines=[]", "rank.bootstrap=20"]
@@ -70,7 +70,7 @@ def assert_one_run(run: Path, logs: str) -> None:
     assert (run / "report.md").is_file()
     assert not list(run.glob(".*")) and not list(run.parent.glob(".shared-*"))  # no scratch, partial or token left
     (step,) = [p for p in run.glob("checkpoints/finetune-*/*") if p.name.isdigit()]
-    assert step.name == "6" and {p.name for p in (step / "default").glob("ocdbt.process_*")} == {
+    assert step.name == "8" and {p.name for p in (step / "default").glob("ocdbt.process_*")} == {
         "ocdbt.process_0", "ocdbt.process_1"}
 
 
@@ -111,7 +111,7 @@ def test_local_launcher_runs_the_pipeline_like_one_process(local_run):
     run, reference = local_run
     assert_same_model(run, reference)
     losses = [json.loads(line)["loss"] for line in (run / "finetune" / "train_log.jsonl").read_text().splitlines()]
-    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert len(losses) == 8 and losses[-1] < losses[0]
 
     # Again: process 0 finds the stage cached, and process 1 reports what process 0 found.
     home = run.parents[1]
@@ -166,7 +166,7 @@ def test_tpu_pod_rehearsal_is_preempted_resumes_and_trains_the_reference_model(l
     assert_one_run(run, logs)
     assert_same_model(run, reference)
     steps = [json.loads(line)["step"] for line in (run / "finetune" / "train_log.jsonl").read_text().splitlines()]
-    assert steps[0] > 1 and steps[-1] == 6  # it went on from the checkpoint of the preemption
+    assert steps[0] > 1 and steps[-1] == 8  # it went on from the checkpoint of the preemption
 
     for i in (0, 1):  # each worker: its own home, the source installed once, the run written only to run.root
         home = pod / f"worker-{i}"
