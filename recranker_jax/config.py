@@ -303,6 +303,9 @@ class RankConfig:
     retrieval_weight: U_retrieval(c) = retrieval_weight * (k - r) for 0-based rank r.
     pair_credit: C2; list_credit: C3; list_positions: the listwise answer's length.
     alphas: hybrid weights of U_point, U_pair, U_list (1:1:1 is the reference's).
+    tune_alphas: choose the hybrid weights on the validation item instead (each from 0, 0.25,
+      0.5, 1, 2; the highest validation NDCG@ks[0], ties to the weights nearest `alphas`), and
+      use them for every split; needs valid in `splits` (rank/hybrid.py tune_alphas).
     users: hits (only users whose held-out item is among the candidates; the others are
       misses whatever the LLM does) or all.
     candidates: retrieved (the backbone's top-k: the RecRanker protocol), planted (the
@@ -323,6 +326,7 @@ class RankConfig:
     list_credit: float = 0.025
     list_positions: int = 5
     alphas: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
+    tune_alphas: bool = False
     users: Literal["hits", "all"] = "hits"
     candidates: Literal["retrieved", "planted", "sampled"] = "retrieved"
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["transition", "random"])

@@ -203,6 +203,9 @@ def check_rank(cfg: Any) -> None:
                              "builds no such prompts")
     if len(r.alphas) != 3:
         raise RecRankerError(f"rank.alphas={r.alphas}: expected 3 weights (pointwise, pairwise, listwise)")
+    if r.tune_alphas and ("valid" not in r.splits or "hybrid" not in r.methods):
+        raise RecRankerError(f"rank.tune_alphas=true chooses the hybrid's weights on the validation item: expected valid "
+                             f"in rank.splits (got {r.splits}) and hybrid in rank.methods (got {r.methods})")
     if not r.splits or any(s not in RANK_SPLITS for s in r.splits):
         raise RecRankerError(f"rank.splits={r.splits}: expected a non-empty subset of test, valid")
     _positive("rank", r, ("batch_size", "list_positions", "generate_tokens"))

@@ -234,6 +234,10 @@ def write_report(run_dir: Path) -> Path:
             else "retrieve-top-k-then-re-rank (the RecRanker protocol)")
     lines.append(f"Re-ranking mode: {ranking.get('mode', '?')}. Candidates: {candidates}. HR@k and NDCG@k of {what} "
                  "over all users; NDCG@k = 1 / log2(rank + 1) for a hit at rank <= k.")
+    tuned = ranking.get("tuned_alphas")
+    if tuned:
+        lines.append(f"Hybrid weights (pointwise, pairwise, listwise): {tuned['alphas']}, chosen on the validation item "
+                     f"({tuned['metric']}, each weight from {tuned['grid']}); the test item did not decide them.")
     lines.append("")
     lines += _baselines_note(ranking)
     if run.retrieval.metrics.is_file():

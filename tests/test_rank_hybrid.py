@@ -3,6 +3,8 @@ re-ranked orders, and properties (ties, permutations, conservation of pairwise c
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,11 +12,13 @@ from hypothesis import strategies as st
 
 from recranker_jax.errors import RecRankerError
 from recranker_jax.rank.hybrid import (
+    ALPHA_GRID,
     hybrid_utility,
     listwise_utility,
     pairwise_utility,
     pointwise_utility,
     rank_orders,
+    tune_alphas,
 )
 
 FEW_EXAMPLES = settings(max_examples=30, deadline=None)
@@ -199,3 +203,50 @@ def test_orders_are_sorted_permutations(ratings, items, answer_positions):
     point_order = np.asarray(rank_orders(candidates, {"p": point})["p"])[0]
     expected = sorted(range(K), key=lambda r: (-ratings[r], r))
     np.testing.assert_array_equal(point_order, candidates[0, expected])
+
+
+# ----------------------------------------------------------------------------- tuned hybrid weights
+
+
+def ndcg_at(order: np.ndarray, target: np.ndarray, k: int) -> float:
+    """Mean NDCG@k of one held-out item per user, written out here."""
+    total = 0.0
+    for row, item in zip(order, target):
+        where = np.flatnonzero(row[:k] == item)
+        total += 1.0 / np.log2(where[0] + 2) if len(where) else 0.0
+    return total / len(target)
+
+
+def test_tuned_weights_are_the_best_of_the_grid_on_the_data_given():
+    rng = np.random.default_rng(0)
+    users = 60
+    cand = np.tile(np.arange(K), (users, 1))
+    target = rng.integers(0, K, users)
+    informative = rng.normal(size=(users, K)).astype(np.float32)
+    informative[np.arange(users), target] += 1.5  # points at the target
+    misleading = rng.normal(size=(users, K)).astype(np.float32)
+    misleading[np.arange(users), target] -= 1.5  # points away from it
+    tasks = {"pointwise": rng.normal(size=(users, K)).astype(np.float32) * 0.1, "pairwise": informative,
+             "listwise": misleading}
+    chosen = tune_alphas(tasks, cand, target, 3, prefer=[1.0, 1.0, 1.0])
+    score = {}
+    for alphas in itertools.product(ALPHA_GRID, repeat=3):
+        if any(alphas):
+            utility = sum(a * tasks[n] for a, n in zip(alphas, ("pointwise", "pairwise", "listwise")))
+            score[alphas] = ndcg_at(np.argsort(-utility, axis=1, kind="stable"), target, 3)
+    assert score[tuple(chosen)] == pytest.approx(max(score.values()))
+    assert chosen[1] > 0 and chosen[2] == 0.0  # the informative task counts, the misleading one not
+    assert score[tuple(chosen)] > score[(1.0, 1.0, 1.0)]
+
+
+def test_tuning_ties_go_to_the_preferred_weights_and_unscored_tasks_stay_zero():
+    cand = np.tile(np.arange(K), (4, 1))
+    target = np.array([0, 1, 2, 3])
+    flat = np.zeros((4, K), np.float32)  # every weighting keeps the retrieval order
+    assert tune_alphas({"pointwise": flat, "pairwise": flat, "listwise": flat}, cand, target, 3, [1.0, 1.0, 1.0]) == [
+        1.0, 1.0, 1.0]
+    assert tune_alphas({"pointwise": flat, "pairwise": flat, "listwise": flat}, cand, target, 3, [0.5, 0.0, 2.0]) == [
+        0.5, 0.0, 2.0]
+    assert tune_alphas({"listwise": flat}, cand, target, 3, [1.0, 1.0, 1.0]) == [0.0, 0.0, 1.0]
+    with pytest.raises(RecRankerError, match="needs at least one of the pointwise, pairwise, listwise"):
+        tune_alphas({}, cand, target, 3, [1.0, 1.0, 1.0])

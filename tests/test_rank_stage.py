@@ -202,3 +202,22 @@ def test_sampled_candidates_score_every_user_from_the_sampled_file(run, tmp_path
     prompts = [json.loads(line) for line in (instructions / "test.jsonl").read_text().splitlines()]
     listed = [p for p in prompts if p["task"] == "listwise"]
     assert len(listed) == users and all(sorted(p["candidates"]) == sorted(own[p["user_id"]]) for p in listed)
+
+
+def test_tuned_hybrid_weights_come_from_the_validation_item_and_serve_every_split(run, tmp_path):
+    root, cfg, fixed = run
+    tuned_cfg = load_config("quickstart", [*SMALL, "rank.tune_alphas=true"])
+    tuned = build_ranking(tuned_cfg, root / "data", root / "retrieval", root / "instructions", root / "finetune",
+                          folder(tmp_path / "ranking"))
+    alphas = tuned["tuned_alphas"]["alphas"]
+    assert tuned["tuned_alphas"]["on"] == "valid" and all(a in (0.0, 0.25, 0.5, 1.0, 2.0) for a in alphas)
+    assert fixed["splits"]["test"]["alphas"] == list(cfg.rank.alphas)
+    for split in ("test", "valid"):
+        assert tuned["splits"][split]["alphas"] == alphas
+        for method in ("backbone", "pointwise", "pairwise", "listwise"):  # the same LLM answers, scored once
+            assert tuned["splits"][split]["methods"][method]["metrics"] == fixed["splits"][split]["methods"][method]["metrics"]
+    assert (tuned["splits"]["valid"]["methods"]["hybrid"]["metrics"]["ndcg@3"]
+            >= fixed["splits"]["valid"]["methods"]["hybrid"]["metrics"]["ndcg@3"])
+    with pytest.raises(RecRankerError, match=r"rank.tune_alphas=true chooses the hybrid's weights on the validation "
+                                             r"item: expected valid in rank.splits"):
+        load_config("quickstart", [*SMALL, "rank.tune_alphas=true", "rank.splits=[test]"])

@@ -325,6 +325,19 @@ def test_a_planted_run_is_titled_as_such_and_compared_beside_a_protocol_run(tmp_
         + [("planted", "planted", m) for m in ("backbone", "transition", "pointwise", "hybrid")])
 
 
+def test_a_sampled_run_with_tuned_weights_says_so(tmp_path):
+    run = fake_run(tmp_path, "sampled")
+    path = run / "ranking" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics.update(candidates="sampled", tuned_alphas={"alphas": [0.5, 0.0, 0.25], "on": "valid", "metric": "ndcg@3",
+                                                       "grid": [0.0, 0.25, 0.5, 1.0, 2.0]})
+    path.write_text(json.dumps(metrics))
+    text = write_report(run).read_text()
+    assert "## Split: test (sampled evaluation)" in text and "items the user never rated, drawn uniformly" in text
+    assert "Hybrid weights (pointwise, pairwise, listwise): [0.5, 0.0, 0.25], chosen on the validation item" in text
+    assert "test: 5 users, sampled candidates (sampled evaluation:" in format_table(metrics)
+
+
 def test_missing_ranking_metrics_is_a_user_error(tmp_path):
     (tmp_path / "unranked").mkdir()
     with pytest.raises(RecRankerError, match=r"unranked has no ranking/metrics.json; run `recranker rank`"):

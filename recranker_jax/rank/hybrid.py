@@ -1,17 +1,20 @@
 """RecRanker's utilities: each task's answers become a score per candidate, and the hybrid
 sums them; `rank_orders` sorts the backbone's candidates by each utility (ties keep retrieval
-order). Pure jitted functions over [users, k] arrays, candidates in retrieval order."""
+order). Pure jitted functions over [users, k] arrays, candidates in retrieval order.
+`tune_alphas` picks the hybrid's weights on held-out data (the paper's alphas are
+hyper-parameters)."""
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from recranker_jax.errors import RecRankerError
-from recranker_jax.metrics import reorder
+from recranker_jax.metrics import protocol_metrics, reorder
 
 
 @jax.jit
@@ -90,3 +93,32 @@ def hybrid_utility(
 def rank_orders(candidates: jax.Array, utilities: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Each method's re-ranked candidates [U, k]: highest utility first, ties in retrieval order."""
     return {name: reorder(candidates, utility) for name, utility in utilities.items()}
+
+
+# Each weight's values for `tune_alphas`: 5^3 - 1 = 124 weightings (all-zero left out).
+ALPHA_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+def tune_alphas(tasks: Mapping[str, jax.Array], candidates: jax.Array, target: jax.Array, k: int,
+                prefer: Sequence[float]) -> list[float]:
+    """The hybrid weights (pointwise, pairwise, listwise) from ALPHA_GRID^3 whose hybrid order
+    of `candidates` has the highest mean NDCG@k against `target`; among equals, the one nearest
+    `prefer` (L1), then the first in grid order. `tasks`: the utilities of the tasks scored; a
+    task not scored keeps weight 0. Meant for the validation item: the test item never decides."""
+    names = ("pointwise", "pairwise", "listwise")
+    free = [i for i, name in enumerate(names) if name in tasks]
+    if not free:
+        raise RecRankerError("tuning the hybrid weights needs at least one of the pointwise, pairwise, listwise utilities")
+    best, best_key = None, None
+    for values in itertools.product(ALPHA_GRID, repeat=len(free)):
+        if not any(values):
+            continue
+        alphas = [0.0, 0.0, 0.0]
+        for i, value in zip(free, values):
+            alphas[i] = value
+        utility = hybrid_utility(*(tasks.get(name) for name in names), alphas)
+        ndcg = float(jnp.mean(protocol_metrics(reorder(candidates, utility), target, (k,))[f"ndcg@{k}"]))
+        key = (-ndcg, sum(abs(a - p) for a, p in zip(alphas, prefer)))
+        if best_key is None or key < best_key:
+            best, best_key = alphas, key
+    return best

@@ -12,6 +12,7 @@ re-rankers of `rank.baselines` (rank/baselines.py) are methods beside the LLM's.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -89,11 +90,22 @@ def baseline_utilities(names: list[str], data: SplitData, retrieval: RetrievalFo
     return utilities
 
 
-def rank_split(cfg: Config, ranker: Ranker, data: SplitData, candidates: list[list[int]], prompts: dict,
-               target: np.ndarray, controls=None) -> tuple[dict, dict, np.ndarray]:
-    """Scores, utilities, orders and metrics of one split; returns (result, {orders, utilities,
-    answers: the per-candidate answer arrays}, candidates array). `controls`: a function of the
-    candidate matrix giving the non-LLM baselines' utilities (methods beside the LLM's)."""
+@dataclasses.dataclass
+class ScoredSplit:
+    """What the LLM said about one split's candidates: the candidate matrix, the users scored,
+    the per-candidate answer arrays, each task's utility [users, k], and rates and timings."""
+
+    cand: np.ndarray
+    scored: list[int]
+    arrays: dict
+    tasks: dict[str, np.ndarray]
+    rates: dict
+    seconds: dict
+
+
+def score_split(cfg: Config, ranker: Ranker, data: SplitData, candidates: list[list[int]], prompts: dict,
+                target: np.ndarray) -> ScoredSplit:
+    """Every task's answers and utilities over one split's candidates (the expensive part)."""
     r = cfg.rank
     cand = answers.candidate_matrix(candidates, data.n_users)
     k = cand.shape[1]
@@ -120,23 +132,32 @@ def rank_split(cfg: Config, ranker: Ranker, data: SplitData, candidates: list[li
         utilities["pairwise"] = np.asarray(hybrid.pairwise_utility(arrays["pairs"], arrays["prefers_first"], r.pair_credit, k))
     if "listwise" in tasks:
         utilities["listwise"] = np.asarray(hybrid.listwise_utility(arrays["list_positions"], r.list_credit, r.list_positions))
+    return ScoredSplit(cand, list(scored), arrays, utilities, rates, seconds)
+
+
+def evaluate_split(cfg: Config, split: ScoredSplit, target: np.ndarray, alphas, controls=None) -> tuple[dict, dict]:
+    """Orders and metrics of one scored split with the hybrid weights `alphas`; returns (result,
+    {orders, utilities, answers}). `controls`: a function of the candidate matrix giving the
+    non-LLM baselines' utilities (methods beside the LLM's)."""
+    r, cand, utilities = cfg.rank, split.cand, dict(split.tasks)
     if "hybrid" in r.methods:
         utilities["hybrid"] = np.asarray(hybrid.hybrid_utility(
-            utilities.get("pointwise"), utilities.get("pairwise"), utilities.get("listwise"), r.alphas))
+            utilities.get("pointwise"), utilities.get("pairwise"), utilities.get("listwise"), alphas))
     shown = {**(controls(cand) if controls else {}), **{m: u for m, u in utilities.items() if m in r.methods}}
     orders = {"backbone": cand, **{m: np.asarray(o) for m, o in hybrid.rank_orders(cand, shown).items()}}
     result = evaluate_orders(orders, target, r.ks, r.bootstrap, cfg.run.seed)
-    total_seconds = sum(s for s, _ in seconds.values())
-    items = len(scored) * k
+    total_seconds = sum(s for s, _ in split.seconds.values())
+    items = len(split.scored) * cand.shape[1]
     filled = np.maximum((cand >= 0).sum(axis=1) - 1, 0)
     result.update(
         held_out_last=int(((cand[np.arange(len(cand)), filled] == target) & (target >= 0)).sum()),
-        scored_users=int(len(scored)),
+        scored_users=int(len(split.scored)),
         seconds_per_item=total_seconds / items if items else None,
-        seconds_per_item_by_task={t: (s / n if n else None) for t, (s, n) in seconds.items()},
-        rates=rates,
+        seconds_per_item_by_task={t: (s / n if n else None) for t, (s, n) in split.seconds.items()},
+        rates=split.rates,
+        alphas=[float(a) for a in alphas],
     )
-    return result, {"orders": orders, "utilities": shown, "answers": arrays}, cand
+    return result, {"orders": orders, "utilities": shown, "answers": split.arrays}
 
 
 def build_ranking(cfg: Config, data_dir: Path, retrieval_dir: Path, instructions_dir: Path, finetune_dir: Path,
@@ -147,16 +168,28 @@ def build_ranking(cfg: Config, data_dir: Path, retrieval_dir: Path, instructions
     retrieval, instructions, ranking = RetrievalFolder(retrieval_dir), InstructionsFolder(instructions_dir), RankingFolder(out)
     document = {"mode": cfg.rank.mode, "users": cfg.rank.users, "candidates": cfg.rank.candidates,
                 "baselines": list(cfg.rank.baselines), "splits": {}}
+    scored, targets = {}, {}
     for split in cfg.rank.splits:
         candidates = read_candidates(retrieval.candidate_set(cfg.rank.candidates, split), data)
         prompts = read_prompts(instructions.prompts(split), data, candidates)
-        target = data.test_item if split == "test" else data.valid_item
-        result, arrays, cand = rank_split(cfg, ranker, data, candidates, prompts, np.asarray(target),
-                                          lambda c: baseline_utilities(cfg.rank.baselines, data, retrieval, c, cfg.run.seed))
+        targets[split] = np.asarray(data.test_item if split == "test" else data.valid_item)
+        scored[split] = score_split(cfg, ranker, data, candidates, prompts, targets[split])
+    alphas = list(cfg.rank.alphas)
+    if cfg.rank.tune_alphas:  # on the validation item; the test item never decides
+        valid = scored["valid"]
+        alphas = hybrid.tune_alphas(valid.tasks, valid.cand, targets["valid"], cfg.rank.ks[0], cfg.rank.alphas)
+        document["tuned_alphas"] = {"alphas": alphas, "on": "valid", "metric": f"ndcg@{cfg.rank.ks[0]}",
+                                    "grid": list(hybrid.ALPHA_GRID)}
+
+    def controls(cand: np.ndarray) -> dict:
+        return baseline_utilities(cfg.rank.baselines, data, retrieval, cand, cfg.run.seed)
+
+    for split, split_scores in scored.items():
+        result, arrays = evaluate_split(cfg, split_scores, targets[split], alphas, controls)
         document["splits"][split] = result
         write_rankings_csv(ranking.rankings(split), data.user_ids.astype(str), item_ids, arrays["orders"],
-                           arrays["utilities"], cand)
-        np.savez_compressed(ranking.scores(split), candidates=cand, **arrays["answers"])
+                           arrays["utilities"], split_scores.cand)
+        np.savez_compressed(ranking.scores(split), candidates=split_scores.cand, **arrays["answers"])
     document["config"] = dict(vars(cfg.rank))
     write_json(ranking.metrics, document)
     return document
