@@ -27,14 +27,9 @@ set -euo pipefail
 usage() {
   echo "usage: launch/local_multiprocess.sh [--dry-run] [-n N] [--port P] [--devices-per-process D] [--logs DIR] -- COMMAND ..." >&2
 }
-fail() {  # one line on stderr, exit 2 (a usage mistake)
-  echo "error: $1" >&2
-  exit 2
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # fail, quote, require_project, read_command_args, ...
 is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
-quote() {  # shell-quote one word only where needed, so dry-run lines can be pasted
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
 
 dry_run=0 processes=2 port="" devices=1 logs=""
 while (($#)); do
@@ -64,31 +59,16 @@ case "${1##*/}" in
   python*) if [[ "${2:-}" == -m && "${3:-}" == recranker_jax.cli ]]; then skip=3 python="${PYTHON:-$1}"; else skip=0; fi ;;
   *) skip=0 ;;
 esac
-check=0 config="" subcommand="" overrides=()
+check=0
 if ((skip)); then
-  words=("${@:skip+1}")
-  for ((i = 0; i < ${#words[@]}; i++)); do
-    case "${words[$i]}" in
-      --config) check=1 config="${words[$((i + 1))]:-}"; i=$((i + 1)) ;;
-      --config=*) check=1 config="${words[$i]#--config=}" ;;
-      -*) ;;
-      *=*) overrides+=("${words[$i]}") ;;
-      *) [[ -n "$subcommand" ]] || subcommand="${words[$i]}" ;;
-    esac
-  done
-  if ((!check)); then
-    case "$subcommand" in
-      data|retrieval|instructions|pretrain|finetune|rank|quickstart) check=1 config=quickstart ;;
-      pipeline) fail "recranker pipeline needs --config FILE" ;;
-    esac
-  fi
+  read_command_args "${@:skip+1}"
+  apply_cli_default_config
+  check=$command_config_known
 fi
 if ((check)); then
-  command -v "$python" >/dev/null || fail "$python: command not found (set PYTHON to a python that has recranker_jax installed)"
-  "$python" -c "import recranker_jax" >/dev/null 2>&1 ||
-    fail "$python cannot import recranker_jax: install the project first (pip install -e . or pip install .)"
-  "$python" -m recranker_jax.launch_check --config "$config" --devices $((processes * devices)) \
-    ${overrides[@]+"${overrides[@]}"} >&2 || exit 2  # its error line is already on stderr
+  require_project "$python"
+  "$python" -m recranker_jax.launch_check --config "$command_config" --devices $((processes * devices)) \
+    ${command_overrides[@]+"${command_overrides[@]}"} >&2 || exit 2  # its error line is already on stderr
 fi
 if [[ -z "$port" ]]; then
   command -v "$python" >/dev/null || fail "$python: command not found (set PYTHON to a python, or pass --port P)"

@@ -38,12 +38,9 @@
 # shipped source or wheel is what the workers import). --workers defaults to 2 there.
 set -euo pipefail
 
-fail() { echo "error: $1" >&2; exit 2; }
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-join_quoted() { local out="" word; for word in "$@"; do out+="$(quote "$word") "; done; printf '%s' "${out% }"; }
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/lib.sh
+source "$here/lib.sh"  # fail, quote, join_quoted, require_project, read_command_args, ...
 workdir="recranker"  # the workers' working folder, relative to their home
 
 # Devices JAX sees per unit of the accelerator type's suffix: v2/v3/v5e/v6e count cores = chips
@@ -129,27 +126,13 @@ for copy in ${copies[@]+"${copies[@]}"}; do
 done
 
 # The recranker command's config and overrides (for the checks), and the stage it runs.
-recranker=0 config="" subcommand="" overrides=()
+recranker=0
 [[ "${command[0]##*/}" == recranker ]] && recranker=1
-for ((i = 1; i < ${#command[@]}; i++)); do
-  case "${command[$i]}" in
-    --config) config="${command[$((i + 1))]:-}"; i=$((i + 1)) ;;
-    --config=*) config="${command[$i]#--config=}" ;;
-    -*) ;;
-    *=*) overrides+=("${command[$i]}") ;;
-    *) [[ -n "$subcommand" ]] || subcommand="${command[$i]}" ;;
-  esac
-done
-if ((recranker)) && [[ -z "$config" ]]; then
-  case "$subcommand" in
-    data|retrieval|instructions|pretrain|finetune|rank|quickstart) config=quickstart ;;  # the CLI's default
-    pipeline) fail "recranker pipeline needs --config FILE" ;;
-  esac
-fi
+read_command_args "${command[@]:1}"
+((recranker)) && apply_cli_default_config
+config=$command_config subcommand=$command_subcommand overrides=(${command_overrides[@]+"${command_overrides[@]}"})
 python="${PYTHON:-python3}"
-command -v "$python" >/dev/null || fail "$python: command not found (set PYTHON to a python that has recranker_jax installed)"
-"$python" -c "import recranker_jax" >/dev/null 2>&1 ||
-  fail "$python cannot import recranker_jax: install the project first (pip install -e . or pip install .)"
+require_project "$python"
 check=("$python" -m recranker_jax.launch_check --devices "$devices")
 [[ -n "$config" ]] && check+=(--config "$config")
 ((recranker)) && check+=(--hosts "$workers" --workdir-copy "" ${workdir_copies[@]+"${workdir_copies[@]}"})

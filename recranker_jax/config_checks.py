@@ -26,6 +26,8 @@ RETRIEVAL_MODELS: dict[str, bool] = {"lightgcn": True, "mf": True, "explicit_mf"
 def register_model_name(name: str, ranks: bool) -> None:
     """Make `name` a valid entry of retrieval.models (and of retrieval.backbone when it ranks)."""
     RETRIEVAL_MODELS[name] = ranks
+
+
 SAMPLING_STRATEGIES = ("uniform", "importance", "cluster", "adaptive")
 TASKS = ("pointwise", "pairwise", "listwise")
 METHODS = (*TASKS, "hybrid")
@@ -73,7 +75,7 @@ def check_data(data: Any) -> None:
 
 
 def check_retrieval(retrieval: Any) -> None:
-    known = RETRIEVAL_MODELS
+    known = RETRIEVAL_MODELS  # the built-in models and any registered since
     unknown = [m for m in retrieval.models if m not in known]
     if unknown:
         raise RecRankerError(f"retrieval.models: unknown {unknown}; expected some of {', '.join(known)}")

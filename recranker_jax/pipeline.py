@@ -298,17 +298,22 @@ def fs_wait_s() -> float:
         raise RecRankerError(f"RECRANKER_FS_WAIT_S={value}: expected a number of seconds") from None
 
 
-def _appears(path: Path, text: str, wait_s: float) -> bool:
+def _eventually(condition: Callable[[], bool], wait_s: float) -> bool:
+    """Whether `condition()` holds now or within `wait_s` seconds (checked every 0.2 s): a network
+    filesystem may show another host's new files late."""
     deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            if path.read_text() == text:
-                return True
-        except OSError:
-            pass
+    while not condition():
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.2)
+    return True
+
+
+def _holds_text(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False
 
 
 _shared_roots: set[str] = set()
@@ -331,7 +336,8 @@ def check_shared_root(cfg: Config) -> None:
     token = broadcast_text("run.root token", token)
     probe = root / f".shared-{token}"
     try:
-        seen = gather_text("run.root seen", str(is_primary() or _appears(probe, token, fs_wait_s())))
+        seen = gather_text("run.root seen", str(is_primary() or _eventually(lambda: _holds_text(probe, token),
+                                                                             fs_wait_s())))
     finally:
         if is_primary():
             probe.unlink(missing_ok=True)
@@ -431,13 +437,8 @@ def _process_zero_stage(cfg: Config, stage: Stage) -> tuple[Path, bool]:
     cached = on_primary(f"the {stage.name} stage", build_in_child)
     cached = broadcast_text(f"was the {stage.name} stage cached", str(cached) if is_primary() else None) == "True"
     key = cache_key(cfg, stage.name)
-    deadline = time.monotonic() + fs_wait_s()  # a network filesystem may show another host's new files late
-    while True:
-        if finished_key(folder) == key:
-            return folder, cached
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.5)
+    if _eventually(lambda: finished_key(folder) == key, fs_wait_s()):
+        return folder, cached
     raise RecRankerError(
         f"{folder}: this process does not see the stage process 0 finished; with several processes "
         "run.root must be on a filesystem all of them share (NFS, Filestore, gcsfuse)"

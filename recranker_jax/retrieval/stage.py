@@ -25,6 +25,13 @@ from recranker_jax.retrieval.evaluate import Scorer, evaluate, exclusions, top_k
 from recranker_jax.retrieval.backbones import BACKBONES, Context, Fitted
 from recranker_jax.run import SPLITS, RetrievalFolder, write_candidates, write_embeddings, write_json
 
+def in_score_order(items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's (items, scores) [users, k] sorted by score, highest first; ties keep the
+    column order (so an item appended last stays last among equals)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(items, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
 def planted_candidates(scorer: Scorer, data: SplitData, split: str, k: int,
                        batch_users: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """The planted evaluation's candidates (items, scores), [users, k]: the split's held-out
@@ -43,8 +50,7 @@ def planted_candidates(scorer: Scorer, data: SplitData, split: str, k: int,
     target_scores = np.einsum("ud,ud->u", scorer.user_factors, scorer.item_factors[target])
     items = np.concatenate([items, target[:, None]], axis=1)
     scores = np.concatenate([scores, target_scores[:, None].astype(scores.dtype)], axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(items, order, axis=1), np.take_along_axis(scores, order, axis=1)
+    return in_score_order(items, scores)
 
 
 def sampled_candidates(scorer: Scorer, data: SplitData, split: str, k: int, seed: int,
@@ -73,8 +79,7 @@ def sampled_candidates(scorer: Scorer, data: SplitData, split: str, k: int, seed
         negatives[users] = np.argsort(keys, axis=1, kind="stable")[:, : k - 1]
     items = np.concatenate([negatives, target[:, None]], axis=1)
     scores = np.einsum("ud,ukd->uk", scorer.user_factors, scorer.item_factors[items]).astype(np.float32)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(items, order, axis=1), np.take_along_axis(scores, order, axis=1)
+    return in_score_order(items, scores)
 
 
 def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Path, progress: bool = True) -> dict:
