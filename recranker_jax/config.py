@@ -317,6 +317,9 @@ class RankConfig:
       transitions among training likes), random (a seeded random order: the reference under
       planted candidates) or any model of retrieval.models but the backbone (its scores on
       the same candidates); [] for none.
+    sample_users: evaluate a seeded random sample of this many users (run.seed; the backbone
+      and every method on the same users, so the paired tests stay paired), or null for all:
+      for a model too slow to score every user under the planted or sampled evaluation.
     """
 
     methods: list[str] = dataclasses.field(default_factory=lambda: ["pointwise", "pairwise", "listwise", "hybrid"])
@@ -330,6 +333,7 @@ class RankConfig:
     users: Literal["hits", "all"] = "hits"
     candidates: Literal["retrieved", "planted", "sampled"] = "retrieved"
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["transition", "random"])
+    sample_users: int | None = None
     splits: list[str] = dataclasses.field(default_factory=lambda: ["test", "valid"])
     ks: list[int] = dataclasses.field(default_factory=lambda: [3, 5, 10])
     batch_size: int = 16

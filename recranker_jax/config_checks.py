@@ -211,6 +211,8 @@ def check_rank(cfg: Any) -> None:
     if not r.splits or any(s not in RANK_SPLITS for s in r.splits):
         raise RecRankerError(f"rank.splits={r.splits}: expected a non-empty subset of test, valid")
     _positive("rank", r, ("batch_size", "list_positions", "generate_tokens"))
+    if r.sample_users is not None and r.sample_users < 1:
+        raise RecRankerError(f"rank.sample_users={r.sample_users}: expected a positive number of users, or null for all")
     if not r.ks or min(r.ks) < 1 or max(r.ks) > cfg.retrieval.candidates:
         raise RecRankerError(f"rank.ks={r.ks}: expected cut-offs between 1 and "
                              f"retrieval.candidates={cfg.retrieval.candidates}")

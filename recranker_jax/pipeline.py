@@ -199,7 +199,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("retrieval", "data", ("retrieval", "run.seed"), _build_retrieval, False, _retrieval_summary,
           "train the retrieval.models (LightGCN, MF, explicit MF, popularity, SASRec); write candidates",
           checkpointed=True),
-    Stage("instructions", "retrieval", ("sampling", "prompts", "rank.candidates", "run.seed"), _build_instructions, False,
+    Stage("instructions", "retrieval", ("sampling", "prompts", "run.seed"), _build_instructions, False,
           _instructions_summary, "sample users, build the prompts of the three tasks"),
     Stage("pretrain", "instructions", ("pretrain", "model", "train.seq_len", "train.lora", "run.seed"), _build_pretrain,
           True, _pretrain_summary, "domain pre-training: a causal LM on the users' training histories (pretrain.enabled)",

@@ -232,8 +232,10 @@ def write_report(run_dir: Path) -> Path:
     candidates = candidate_set(ranking)
     what = (f"the {candidates} evaluation, not the RecRanker protocol" if candidates in EVERY_USER
             else "retrieve-top-k-then-re-rank (the RecRanker protocol)")
+    who = (f"a seeded random sample of {ranking['sample_users']} users (rank.sample_users)" if ranking.get("sample_users")
+           else "all users")
     lines.append(f"Re-ranking mode: {ranking.get('mode', '?')}. Candidates: {candidates}. HR@k and NDCG@k of {what} "
-                 "over all users; NDCG@k = 1 / log2(rank + 1) for a hit at rank <= k.")
+                 f"over {who}; NDCG@k = 1 / log2(rank + 1) for a hit at rank <= k.")
     tuned = ranking.get("tuned_alphas")
     if tuned:
         lines.append(f"Hybrid weights (pointwise, pairwise, listwise): {tuned['alphas']}, chosen on the validation item "
@@ -267,10 +269,11 @@ def format_table(metrics_json: dict, split: str = "test") -> str:
     name_width = max(len(m) for m in cells) + 2
     lines = [f"{'method':<{name_width}}" + "".join(f"{_label(n):>{width}}" for n in names)]
     lines += [f"{m:<{name_width}}" + "".join(f"{c:>{width}}" for c in row) for m, row in cells.items()]
+    subset = " (a seeded sample: rank.sample_users)" if metrics_json.get("sample_users") else ""
     if (candidates := candidate_set(metrics_json)) in EVERY_USER:
-        lines.append(f"{split}: {result['users']} users, {candidates} candidates ({EVERY_USER[candidates]})")
+        lines.append(f"{split}: {result['users']} users{subset}, {candidates} candidates ({EVERY_USER[candidates]})")
     else:
-        lines.append(f"{split}: {result['users']} users, {result['hit_users']} with the held-out item among the candidates")
+        lines.append(f"{split}: {result['users']} users{subset}, {result['hit_users']} with the held-out item among the candidates")
     for method in _methods(result):
         paired = result["methods"][method].get("paired")
         if paired:

@@ -126,7 +126,7 @@ def test_a_stage_key_covers_its_sections_and_everything_upstream_but_not_how_the
     for override, first_changed in (("data.min_likes=5", "data"), ("retrieval.dim=32", "retrieval"),
                                     ("prompts.hints=false", "instructions"), ("train.steps=7", "finetune"),
                                     ("rank.alphas=[1,0,0]", "rank"), ("run.seed=3", "retrieval"),
-                                    ("rank.candidates=planted", "instructions"), ("rank.baselines=[mf]", "rank")):
+                                    ("rank.candidates=planted", "rank"), ("rank.baselines=[mf]", "rank")):
         changed = load_config("quickstart", [override])
         moved = [name for name in STAGES if cache_key(changed, name) != keys[name]]
         assert moved == order[order.index(first_changed):], override  # that stage and every one after it

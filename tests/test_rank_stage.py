@@ -11,8 +11,12 @@ import pytest
 
 from recranker_jax.config import load_config
 from recranker_jax.errors import RecRankerError
-from recranker_jax.prompts.stage import build_instructions
-from recranker_jax.rank.stage import build_ranking
+from recranker_jax.data.split import load_split
+from recranker_jax.prompts.stage import build_instructions, candidate_set_records
+from recranker_jax.prompts.tokenizer import load_tokenizer
+from recranker_jax.rank.stage import build_ranking, evaluated_users
+from recranker_jax.report import format_table
+from recranker_jax.run import read_candidates
 from recranker_jax.retrieval.stage import build_retrieval
 from recranker_jax.train.stage import build_finetune
 from tests.helpers import synthetic_split
@@ -145,17 +149,14 @@ def test_inputs_from_another_run_are_one_line_errors(run, tmp_path):
 
 
 def test_planted_candidates_score_every_user_and_the_baselines_are_methods(run, tmp_path):
-    """rank.candidates=planted: the same tokenizer and training examples (so the run's tuned model
-    serves), every user scored under rank.users=hits, the backbone order keeping its protocol
-    NDCG@3, and the non-LLM baselines ranked and tested against the backbone like the LLM."""
+    """rank.candidates=planted ranks with the protocol run's own instructions and tuned model
+    (the candidate set is not part of them): every user scored under rank.users=hits, the backbone
+    order keeping its protocol NDCG@3, and the non-LLM baselines ranked and tested against the
+    backbone like the LLM."""
     root, _, document = run
     overrides = [*SMALL, "rank.users=hits", "rank.candidates=planted", "rank.baselines=[transition, random, mf, explicit_mf]"]
     cfg = load_config("quickstart", overrides)
-    instructions = folder(tmp_path / "instructions")
-    build_instructions(cfg, root / "data", root / "retrieval", instructions)
-    for name in ("train.jsonl", "tokenizer/tokenizer.json"):
-        assert (instructions / name).read_bytes() == (root / "instructions" / name).read_bytes()
-    planted = build_ranking(cfg, root / "data", root / "retrieval", instructions, root / "finetune",
+    planted = build_ranking(cfg, root / "data", root / "retrieval", root / "instructions", root / "finetune",
                             folder(tmp_path / "ranking"))
     test = pd.read_csv(root / "data" / "test.csv", dtype=str)
     assert planted["candidates"] == "planted"
@@ -178,30 +179,80 @@ def test_planted_candidates_score_every_user_and_the_baselines_are_methods(run, 
     for user, group in rankings[rankings["method"] == "mf"].groupby("user_id"):
         own = candidates[candidates["user_id"] == user].sort_values("rank")["item_id"].tolist()
         assert sorted(group["item_id"]) == sorted(own) and test.set_index("user_id").loc[user, "item_id"] in own
-    prompts = [json.loads(line) for line in (instructions / "test.jsonl").read_text().splitlines()]
-    listed = {p["user_id"]: set(p["candidates"]) for p in prompts if p["task"] == "listwise"}
-    assert all(test.set_index("user_id").loc[u, "item_id"] in shown for u, shown in listed.items())
-    assert len(listed) == len(test)
+
+
+def test_planted_prompts_are_built_as_the_instructions_stage_builds_the_protocols(run):
+    """The rank stage's prompts over another candidate set equal, record for record, the
+    instructions stage's prompts wherever the two sets hold the same items, and every listwise
+    prompt shows the user's planted set, held-out item included."""
+    root, cfg, _ = run
+    data = load_split(root / "data")
+    planted = read_candidates(root / "retrieval" / "candidates_planted.csv", data)
+    retrieved = read_candidates(root / "retrieval" / "candidates.csv", data)
+    records = candidate_set_records(cfg, data, root / "retrieval", load_tokenizer(root / "instructions" / "tokenizer"),
+                                    planted)
+    protocol = [json.loads(line) for line in (root / "instructions" / "test.jsonl").read_text().splitlines()]
+    user_ids = data.user_ids.astype(str)
+    same = {user_ids[u] for u in range(data.n_users) if planted[u] == retrieved[u]}
+    assert same and len(same) < data.n_users  # both kinds of user occur
+    assert [r for r in records if r["user_id"] in same] == [r for r in protocol if r["user_id"] in same]
+    items = data.items["item_id"].astype(str).to_numpy()
+    listed = {r["user_id"]: r["candidates"] for r in records if r["task"] == "listwise"}
+    assert len(listed) == data.n_users
+    for u in range(data.n_users):
+        assert sorted(listed[user_ids[u]]) == sorted(items[planted[u]]) and items[data.test_item[u]] in listed[user_ids[u]]
 
 
 def test_sampled_candidates_score_every_user_from_the_sampled_file(run, tmp_path):
-    """rank.candidates=sampled: the prompts and the orders are over retrieval's sampled sets, every
-    user is scored, and the backbone order ranks the held-out item where its score falls."""
+    """rank.candidates=sampled: the orders are over retrieval's sampled sets, every user is
+    scored, and the backbone order ranks the held-out item where its score falls."""
     root, _, _ = run
     cfg = load_config("quickstart", [*SMALL, "rank.candidates=sampled", "rank.baselines=[random]", "rank.splits=[test]"])
-    instructions = folder(tmp_path / "instructions")
-    build_instructions(cfg, root / "data", root / "retrieval", instructions)
-    assert (instructions / "train.jsonl").read_bytes() == (root / "instructions" / "train.jsonl").read_bytes()
-    sampled = build_ranking(cfg, root / "data", root / "retrieval", instructions, root / "finetune",
+    sampled = build_ranking(cfg, root / "data", root / "retrieval", root / "instructions", root / "finetune",
                             folder(tmp_path / "ranking"))
     result, users = sampled["splits"]["test"], len(pd.read_csv(root / "data" / "test.csv"))
     assert sampled["candidates"] == "sampled" and result["scored_users"] == result["hit_users"] == users
     assert result["methods"]["backbone"]["metrics"]["hr@10"] == 1.0 and result["held_out_last"] < users
     file = pd.read_csv(root / "retrieval" / "candidates_sampled.csv", dtype={"user_id": str, "item_id": str})
     own = file.sort_values(["user_id", "rank"]).groupby("user_id")["item_id"].apply(list).to_dict()
-    prompts = [json.loads(line) for line in (instructions / "test.jsonl").read_text().splitlines()]
-    listed = [p for p in prompts if p["task"] == "listwise"]
-    assert len(listed) == users and all(sorted(p["candidates"]) == sorted(own[p["user_id"]]) for p in listed)
+    rankings = pd.read_csv(tmp_path / "ranking" / "rankings.csv", dtype={"user_id": str, "item_id": str})
+    hybrid = rankings[rankings["method"] == "hybrid"].groupby("user_id")["item_id"].apply(sorted).to_dict()
+    assert hybrid == {u: sorted(items) for u, items in own.items()}
+
+
+def test_a_user_sample_evaluates_the_same_users_everywhere_with_the_full_runs_answers(run, tmp_path):
+    """rank.sample_users=N: N seeded users, the same in both splits; the LLM scores no one else;
+    each method's metrics are the full run's per-user results averaged over the sample."""
+    root, cfg, full = run
+    n = 9
+    sample_cfg = load_config("quickstart", [*SMALL, f"rank.sample_users={n}"])
+    sampled = build_ranking(sample_cfg, root / "data", root / "retrieval", root / "instructions", root / "finetune",
+                            folder(tmp_path / "ranking"))
+    assert sampled["sample_users"] == n
+    assert f"test: {n} users (a seeded sample: rank.sample_users)" in format_table(sampled, "test")
+    kept = evaluated_users(24, n, cfg.run.seed)
+    assert kept.sum() == n and not evaluated_users(24, n, cfg.run.seed + 1).tolist() == kept.tolist()
+    user_ids = load_split(root / "data").user_ids.astype(str)
+    chosen = set(user_ids[kept])
+    for split in ("test", "valid"):
+        result = sampled["splits"][split]
+        assert result["users"] == n and result["scored_users"] == n  # rank.users=all: each evaluated user, no one else
+        full_rows = pd.read_csv(root / "ranking" / ("rankings.csv" if split == "test" else "rankings_valid.csv"),
+                                dtype={"user_id": str, "item_id": str})
+        rows = pd.read_csv(tmp_path / "ranking" / ("rankings.csv" if split == "test" else "rankings_valid.csv"),
+                           dtype={"user_id": str, "item_id": str})
+        for method in ("backbone", "pointwise", "hybrid"):  # the same answers, hence the same orders, for the sample
+            mine = rows[(rows["method"] == method) & rows["user_id"].isin(chosen)]
+            theirs = full_rows[(full_rows["method"] == method) & full_rows["user_id"].isin(chosen)]
+            assert mine["item_id"].tolist() == theirs["item_id"].tolist()
+        held = pd.read_csv(root / "data" / f"{split}.csv", dtype=str).set_index("user_id")["item_id"]
+        for method in ("backbone", "hybrid"):
+            order = rows[(rows["method"] == method) & rows["user_id"].isin(chosen)]
+            gains = [1 / np.log2(group["item_id"].tolist().index(held[user]) + 2)
+                     if held[user] in group["item_id"].tolist()[:3] else 0.0 for user, group in order.groupby("user_id")]
+            assert result["methods"][method]["metrics"]["ndcg@3"] == pytest.approx(np.mean(gains), abs=1e-6)
+    with pytest.raises(RecRankerError, match=r"rank.sample_users=0: expected a positive number of users"):
+        load_config("quickstart", [*SMALL, "rank.sample_users=0"])
 
 
 def test_tuned_hybrid_weights_come_from_the_validation_item_and_serve_every_split(run, tmp_path):

@@ -1,6 +1,7 @@
 """The instructions stage: sampled users -> training examples of the three tasks, and the
-inference prompts over the backbone's candidates (the retrieved, planted or sampled set,
-`rank.candidates`), written to runs/<name>/instructions/.
+inference prompts over the backbone's retrieved candidates (the RecRanker protocol), written to
+runs/<name>/instructions/. The planted and sampled sets' prompts are built the same way by the
+rank stage (`candidate_set_records`), so `rank.candidates` leaves this stage and the tuned model.
 
 Outputs: train.jsonl (task, user_id, item_ids, prompt, response, source, dropped_history),
 test.jsonl and valid.jsonl (task, user_id, item_ids, prompt, prefix_chars (the shared
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import collections
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from recranker_jax.config import Config
-from recranker_jax.data.split import load_split
+from recranker_jax.data.split import SplitData, load_split
 from recranker_jax.errors import RecRankerError
 from recranker_jax.prompts.build import HintModels, PromptBuilder, PromptParts
 from recranker_jax.prompts.tokenizer import count_tokens, load_tokenizer, train_bpe
@@ -107,11 +109,53 @@ def inference_prompts(cfg: Config, builder: PromptBuilder, candidate_lists: list
     return prompts, empty
 
 
+def prompt_builder(cfg: Config, data: SplitData, retrieval_dir: Path) -> tuple[PromptBuilder, np.ndarray]:
+    """The prompt builder with the retrieval stage's hints, and the backbone's user embeddings."""
+    hints, user_embeddings = load_hints(retrieval_dir, cfg.retrieval.backbone)
+    noun = cfg.prompts.item_noun or data.meta.get("item_noun", "item")
+    return PromptBuilder(data, cfg.prompts, hints, noun), user_embeddings
+
+
+def prompt_records(builder: PromptBuilder, parts: list[PromptParts], data: SplitData, training: bool) -> Iterator[dict]:
+    """The prompts as JSON records (instructions/*.jsonl): training examples with their response,
+    or inference prompts with their shared-prefix length and the candidate / pair / candidates shown."""
+    item_ids, user_ids = data.items["item_id"].astype(str).to_numpy(), data.user_ids.astype(str)
+    for p in parts:
+        yield _record(builder, p, item_ids, user_ids, training)
+
+
+def _record(builder: PromptBuilder, p: PromptParts, item_ids: np.ndarray, user_ids: np.ndarray, training: bool) -> dict:
+    prefix = builder.prefix(p)
+    row = {"task": p.task, "user_id": user_ids[p.user],
+           "item_ids": sorted(set(item_ids[builder.item_ids(p)].tolist())), "prompt": prefix + p.suffix}
+    if training:
+        row.update(response=p.response, source=p.extra["source"])
+    else:
+        row.update(prefix_chars=len(prefix), suffix=p.suffix)
+        for key, value in p.extra.items():
+            row[key] = item_ids[value].tolist() if key in ("pair", "candidates") else (
+                item_ids[value] if key == "candidate" else value)
+    row["dropped_history"] = p.dropped
+    return row
+
+
+def candidate_set_records(cfg: Config, data: SplitData, retrieval_dir: Path, tokenizer,
+                          candidate_lists: list[list[int]]) -> list[dict]:
+    """The inference records over another candidate set (planted or sampled; an empty list skips
+    a user), built exactly as `build_instructions` builds the protocol's: the rank stage makes
+    them, so switching `rank.candidates` keeps the run's instructions and tuned model."""
+    builder, _ = prompt_builder(cfg, data, retrieval_dir)
+    parts, _ = inference_prompts(cfg, builder, candidate_lists)
+    apply_budget(builder, parts, tokenizer, cfg.prompts.max_tokens)
+    return list(prompt_records(builder, parts, data, False))
+
+
 def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Path) -> dict:
+    """The training instructions (sampled users, every task), the tokenizer, and the inference
+    prompts over the backbone's retrieved candidates (the RecRanker protocol) of each split."""
     prompts_cfg, folder = cfg.prompts, InstructionsFolder(out)
     data = load_split(data_dir)
-    hints, user_embeddings = load_hints(retrieval_dir, cfg.retrieval.backbone)
-    builder = PromptBuilder(data, prompts_cfg, hints, prompts_cfg.item_noun or data.meta.get("item_noun", "item"))
+    builder, user_embeddings = prompt_builder(cfg, data, retrieval_dir)
     like_counts = np.bincount(data.train_user[data.train_is_like], minlength=data.n_users)
     sampled = sample_users(cfg.sampling, like_counts, user_embeddings, cfg.run.seed)
 
@@ -133,43 +177,23 @@ def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Pa
     inference: dict[str, list[PromptParts]] = {}
     empty_candidates = collections.Counter()
     for split in SPLITS:
-        path = retrieval.candidate_set(cfg.rank.candidates, split)
-        inference[split], empty_candidates[split] = inference_prompts(cfg, builder, read_candidates(path, data))
+        inference[split], empty_candidates[split] = inference_prompts(
+            cfg, builder, read_candidates(retrieval.candidates(split), data))
 
     if prompts_cfg.tokenizer:
         tokenizer = load_tokenizer(prompts_cfg.tokenizer)
     else:
-        # The retrieved candidates' test questions, whatever rank.candidates: planted and sampled
-        # ones hold every held-out item, which must not shape the vocabulary (the same tokenizer,
-        # hence the same tuned model, in a protocol run and a planted or sampled run).
-        retrieved = (inference["test"] if cfg.rank.candidates == "retrieved" else
-                     inference_prompts(cfg, builder, read_candidates(retrieval.candidates("test"), data))[0])
+        # Training prompts and the protocol's test questions; never the planted or sampled sets,
+        # which hold every held-out item.
         corpus = (builder.prefix(p) + p.suffix + (" " + p.response if p.response else "") for p in train)
-        corpus = itertools.chain(corpus, (p.suffix for p in retrieved))
+        corpus = itertools.chain(corpus, (p.suffix for p in inference["test"]))
         tokenizer = train_bpe(corpus, prompts_cfg.tokenizer_vocab_size, folder.tokenizer)
     for parts in (train, *inference.values()):
         apply_budget(builder, parts, tokenizer, prompts_cfg.max_tokens)
 
-    item_ids = data.items["item_id"].astype(str).to_numpy()
-    user_ids = data.user_ids.astype(str)
-
-    def record(p: PromptParts, training: bool) -> dict:
-        prefix = builder.prefix(p)
-        row = {"task": p.task, "user_id": user_ids[p.user],
-               "item_ids": sorted(set(item_ids[builder.item_ids(p)].tolist())), "prompt": prefix + p.suffix}
-        if training:
-            row.update(response=p.response, source=p.extra["source"])
-        else:
-            row.update(prefix_chars=len(prefix), suffix=p.suffix)
-            for key, value in p.extra.items():
-                row[key] = item_ids[value].tolist() if key in ("pair", "candidates") else (
-                    item_ids[value] if key == "candidate" else value)
-        row["dropped_history"] = p.dropped
-        return row
-
-    write_jsonl(folder.train, (record(p, True) for p in train))
+    write_jsonl(folder.train, prompt_records(builder, train, data, True))
     for split, parts in inference.items():
-        write_jsonl(folder.prompts(split), (record(p, False) for p in parts))
+        write_jsonl(folder.prompts(split), prompt_records(builder, parts, data, False))
 
     def per_task(parts: list[PromptParts], predicate=lambda p: True) -> dict[str, int]:
         return dict(sorted(collections.Counter(p.task for p in parts if predicate(p)).items()))
@@ -185,7 +209,6 @@ def build_instructions(cfg: Config, data_dir: Path, retrieval_dir: Path, out: Pa
         **{name: {"prompts": len(parts), "by_task": per_task(parts), "users_without_candidates": empty_candidates[name]}
            for name, parts in inference.items()},
         "truncated_history": {name: per_task(parts, lambda p: p.dropped > 0) for name, parts in (("train", train), *inference.items())},
-        "candidates": cfg.rank.candidates,
         "max_tokens": prompts_cfg.max_tokens,
         "tokenizer": prompts_cfg.tokenizer or "trained byte-level BPE (instructions/tokenizer)",
         "vocab_size": len(tokenizer),

@@ -19,9 +19,10 @@ def candidate_matrix(candidates: Sequence[Sequence[int]], n_users: int) -> np.nd
 
 def scored_users(cand: np.ndarray, target: np.ndarray, only_hits: bool) -> np.ndarray:
     """The users the LLM scores: those whose held-out item is a candidate (only_hits), or all
-    users with candidates."""
-    hit = (cand == target[:, None]).any(axis=1)
-    return np.flatnonzero(hit if only_hits else (cand >= 0).any(axis=1))
+    users with candidates; never a user without a held-out item (target -1), whom no metric counts."""
+    has_target = target >= 0
+    hit = ((cand == target[:, None]) & has_target[:, None]).any(axis=1)
+    return np.flatnonzero(hit if only_hits else (cand >= 0).any(axis=1) & has_target)
 
 
 def candidate_columns(cand: np.ndarray, users: Sequence[int]) -> dict[tuple[int, int], int]:

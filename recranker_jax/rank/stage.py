@@ -5,8 +5,10 @@ runs/<name>/ranking/ (metrics.json, rankings.csv / rankings_valid.csv, scores_<s
 Only users whose held-out item is among the candidates change any metric, so by default
 (`rank.users=hits`) only they are scored; everyone else keeps the retrieval order (a miss
 either way) and the metrics still average over all test users. With `rank.candidates=planted`
-or `sampled` every user's candidates hold the held-out item, so every user is scored. The non-LLM
-re-rankers of `rank.baselines` (rank/baselines.py) are methods beside the LLM's.
+or `sampled` every user's candidates hold the held-out item, so every user is scored, over
+prompts built here as the instructions stage builds the protocol's. `rank.sample_users` keeps a
+seeded sample of users for every split and method. The non-LLM re-rankers of `rank.baselines`
+(rank/baselines.py) are methods beside the LLM's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from recranker_jax.config import Config
 from recranker_jax.config_checks import RANDOM, TASKS, TRANSITION
 from recranker_jax.data.split import SplitData, load_split
 from recranker_jax.errors import RecRankerError
+from recranker_jax.prompts.stage import candidate_set_records
 from recranker_jax.rank import answers, baselines, hybrid
 from recranker_jax.rank.evaluate import evaluate_orders, write_rankings_csv
 from recranker_jax.rank.ranker import Ranker, load_ranker
@@ -40,17 +43,23 @@ def read_prompts(path: Path, data: SplitData, candidates: list[list[int]]) -> di
     """Inference prompts by task and user index, checked against this run's candidates."""
     if not path.is_file():
         raise RecRankerError(f"{path} not found: run `recranker instructions` first")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return group_prompts(records, data, candidates, str(path))
+
+
+def group_prompts(records: list[dict], data: SplitData, candidates: list[list[int]],
+                  source: str) -> dict[str, dict[int, list[dict]]]:
+    """Inference prompt records by task and user index, checked against the candidates."""
     user_index = {str(u): i for i, u in enumerate(data.user_ids.astype(str))}
     item_index = {str(v): i for i, v in enumerate(data.items["item_id"].astype(str))}
     by_task: dict[str, dict[int, list[dict]]] = collections.defaultdict(lambda: collections.defaultdict(list))
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        record = json.loads(line)
+    for line_number, record in enumerate(records, 1):
         user = user_index.get(str(record.get("user_id")))
         named = record.get("candidates") or record.get("pair") or [record.get("candidate")]
         items = [item_index.get(str(i), -1) for i in named]
         if user is None or any(i not in candidates[user] for i in items) or "prefix_chars" not in record:
             raise RecRankerError(
-                f"{path}, line {line_number}: user {record.get('user_id')} or items {named} do not match this run's "
+                f"{source}, line {line_number}: user {record.get('user_id')} or items {named} do not match this run's "
                 f"retrieval candidates (an instruction file from another run?); rebuild with `recranker instructions`"
             )
         record["_items"] = items
@@ -58,7 +67,7 @@ def read_prompts(path: Path, data: SplitData, candidates: list[list[int]]) -> di
     for user, records in by_task.get("listwise", {}).items():
         if sorted(records[0]["_items"]) != sorted(candidates[user]):
             raise RecRankerError(
-                f"{path}: the listwise prompt of user {records[0]['user_id']} shows {len(records[0]['_items'])} "
+                f"{source}: the listwise prompt of user {records[0]['user_id']} shows {len(records[0]['_items'])} "
                 f"candidates, expected this run's {len(candidates[user])} retrieval candidates"
             )
     return by_task
@@ -88,6 +97,16 @@ def baseline_utilities(names: list[str], data: SplitData, retrieval: RetrievalFo
         else:
             utilities[name] = baselines.factor_utility(*read_embeddings(retrieval.embeddings(name)), cand)
     return utilities
+
+
+def evaluated_users(n_users: int, sample: int | None, seed: int) -> np.ndarray:
+    """[n_users] bool: the users evaluated, all of them or a seeded sample of `sample` (the same
+    users for every split, method and the backbone)."""
+    kept = np.ones(n_users, bool)
+    if sample is not None and sample < n_users:
+        kept[:] = False
+        kept[np.random.default_rng([seed, 4]).choice(n_users, sample, replace=False)] = True
+    return kept
 
 
 @dataclasses.dataclass
@@ -167,12 +186,19 @@ def build_ranking(cfg: Config, data_dir: Path, retrieval_dir: Path, instructions
     item_ids = data.items["item_id"].astype(str).to_numpy()
     retrieval, instructions, ranking = RetrievalFolder(retrieval_dir), InstructionsFolder(instructions_dir), RankingFolder(out)
     document = {"mode": cfg.rank.mode, "users": cfg.rank.users, "candidates": cfg.rank.candidates,
-                "baselines": list(cfg.rank.baselines), "splits": {}}
+                "baselines": list(cfg.rank.baselines), "sample_users": cfg.rank.sample_users, "splits": {}}
+    kept = evaluated_users(data.n_users, cfg.rank.sample_users, cfg.run.seed)
     scored, targets = {}, {}
     for split in cfg.rank.splits:
         candidates = read_candidates(retrieval.candidate_set(cfg.rank.candidates, split), data)
-        prompts = read_prompts(instructions.prompts(split), data, candidates)
-        targets[split] = np.asarray(data.test_item if split == "test" else data.valid_item)
+        if cfg.rank.candidates == "retrieved":  # the protocol's prompts, written by the instructions stage
+            prompts = read_prompts(instructions.prompts(split), data, candidates)
+        else:  # built here the same way, for the users evaluated
+            evaluated = [c if kept[u] else [] for u, c in enumerate(candidates)]
+            records = candidate_set_records(cfg, data, retrieval_dir, ranker.tokenizer, evaluated)
+            prompts = group_prompts(records, data, candidates, f"{cfg.rank.candidates} prompts ({split})")
+        target = np.asarray(data.test_item if split == "test" else data.valid_item)
+        targets[split] = np.where(kept, target, -1)  # a user left out has no held-out item: no metric counts them
         scored[split] = score_split(cfg, ranker, data, candidates, prompts, targets[split])
     alphas = list(cfg.rank.alphas)
     if cfg.rank.tune_alphas:  # on the validation item; the test item never decides
