@@ -12,7 +12,7 @@ import pytest
 from recranker_jax.config import load_config
 from recranker_jax.errors import RecRankerError
 from recranker_jax.data.split import load_split
-from recranker_jax.prompts.stage import build_instructions, candidate_set_records
+from recranker_jax.prompts.stage import build_instructions, candidate_set_records, prompt_builder
 from recranker_jax.prompts.tokenizer import load_tokenizer
 from recranker_jax.rank.stage import build_ranking, evaluated_users
 from recranker_jax.report import format_table
@@ -189,8 +189,8 @@ def test_planted_prompts_are_built_as_the_instructions_stage_builds_the_protocol
     data = load_split(root / "data")
     planted = read_candidates(root / "retrieval" / "candidates_planted.csv", data)
     retrieved = read_candidates(root / "retrieval" / "candidates.csv", data)
-    records = candidate_set_records(cfg, data, root / "retrieval", load_tokenizer(root / "instructions" / "tokenizer"),
-                                    planted)
+    builder, _ = prompt_builder(cfg, data, root / "retrieval")
+    records = candidate_set_records(cfg, builder, data, load_tokenizer(root / "instructions" / "tokenizer"), planted)
     protocol = [json.loads(line) for line in (root / "instructions" / "test.jsonl").read_text().splitlines()]
     user_ids = data.user_ids.astype(str)
     same = {user_ids[u] for u in range(data.n_users) if planted[u] == retrieved[u]}

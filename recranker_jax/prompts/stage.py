@@ -139,12 +139,12 @@ def _record(builder: PromptBuilder, p: PromptParts, item_ids: np.ndarray, user_i
     return row
 
 
-def candidate_set_records(cfg: Config, data: SplitData, retrieval_dir: Path, tokenizer,
+def candidate_set_records(cfg: Config, builder: PromptBuilder, data: SplitData, tokenizer,
                           candidate_lists: list[list[int]]) -> list[dict]:
     """The inference records over another candidate set (planted or sampled; an empty list skips
-    a user), built exactly as `build_instructions` builds the protocol's: the rank stage makes
-    them, so switching `rank.candidates` keeps the run's instructions and tuned model."""
-    builder, _ = prompt_builder(cfg, data, retrieval_dir)
+    a user), built exactly as `build_instructions` builds the protocol's (`builder` from
+    `prompt_builder`): the rank stage makes them, so switching `rank.candidates` keeps the run's
+    instructions and tuned model."""
     parts, _ = inference_prompts(cfg, builder, candidate_lists)
     apply_budget(builder, parts, tokenizer, cfg.prompts.max_tokens)
     return list(prompt_records(builder, parts, data, False))

@@ -25,7 +25,7 @@ from recranker_jax.config import Config
 from recranker_jax.config_checks import RANDOM, TASKS, TRANSITION
 from recranker_jax.data.split import SplitData, load_split
 from recranker_jax.errors import RecRankerError
-from recranker_jax.prompts.stage import candidate_set_records
+from recranker_jax.prompts.stage import candidate_set_records, prompt_builder
 from recranker_jax.rank import answers, baselines, hybrid
 from recranker_jax.rank.evaluate import evaluate_orders, write_rankings_csv
 from recranker_jax.rank.ranker import Ranker, load_ranker
@@ -188,14 +188,16 @@ def build_ranking(cfg: Config, data_dir: Path, retrieval_dir: Path, instructions
     document = {"mode": cfg.rank.mode, "users": cfg.rank.users, "candidates": cfg.rank.candidates,
                 "baselines": list(cfg.rank.baselines), "sample_users": cfg.rank.sample_users, "splits": {}}
     kept = evaluated_users(data.n_users, cfg.rank.sample_users, cfg.run.seed)
+    # planted / sampled: their prompts are built here, as the instructions stage builds the protocol's
+    builder = prompt_builder(cfg, data, retrieval_dir)[0] if cfg.rank.candidates != "retrieved" else None
     scored, targets = {}, {}
     for split in cfg.rank.splits:
         candidates = read_candidates(retrieval.candidate_set(cfg.rank.candidates, split), data)
         if cfg.rank.candidates == "retrieved":  # the protocol's prompts, written by the instructions stage
             prompts = read_prompts(instructions.prompts(split), data, candidates)
-        else:  # built here the same way, for the users evaluated
+        else:  # only the users evaluated
             evaluated = [c if kept[u] else [] for u, c in enumerate(candidates)]
-            records = candidate_set_records(cfg, data, retrieval_dir, ranker.tokenizer, evaluated)
+            records = candidate_set_records(cfg, builder, data, ranker.tokenizer, evaluated)
             prompts = group_prompts(records, data, candidates, f"{cfg.rank.candidates} prompts ({split})")
         target = np.asarray(data.test_item if split == "test" else data.valid_item)
         targets[split] = np.where(kept, target, -1)  # a user left out has no held-out item: no metric counts them

@@ -25,6 +25,7 @@ from recranker_jax.retrieval.evaluate import Scorer, evaluate, exclusions, top_k
 from recranker_jax.retrieval.backbones import BACKBONES, Context, Fitted
 from recranker_jax.run import SPLITS, RetrievalFolder, write_candidates, write_embeddings, write_json
 
+
 def in_score_order(items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each user's (items, scores) [users, k] sorted by score, highest first; ties keep the
     column order (so an item appended last stays last among equals)."""
