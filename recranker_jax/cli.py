@@ -125,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_arguments(plan)
 
+    compile_text = ("compile the finetune step for a TPU slice ahead of time (the tpu extra; no TPU, no weights): "
+                    "per-chip memory against the chip's HBM")
+    compile_parser = stages.add_parser("compile", help=compile_text, description=compile_text)
+    _add_common(compile_parser)
+    from recranker_jax.compile import add_compile_arguments
+
+    add_compile_arguments(compile_parser)
+
     report = stages.add_parser("report", help="write the run's report.md and plots, or compare runs side by side")
     _add_common(report, default_config="quickstart")
     report.add_argument("--runs", nargs="+", metavar="DIR", help="compare these run folders in one table instead")
@@ -264,6 +272,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return run_plan(args)
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from recranker_jax.compile import run_compile
+
+    return run_compile(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from recranker_jax.report import compare_runs, format_table, write_report
     from recranker_jax.run import RunFolder, read_json
@@ -290,6 +304,7 @@ COMMANDS = {
     ("bench", "compile"): cmd_bench_compile,
     ("bench", "all"): cmd_bench_all,
     ("plan", None): cmd_plan,
+    ("compile", None): cmd_compile,
     ("quickstart", None): cmd_pipeline,
     ("pipeline", None): cmd_pipeline,
     ("report", None): cmd_report,

@@ -18,13 +18,13 @@ CFG = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=56, num_hidde
                   num_attention_heads=4, num_key_value_heads=2)
 
 
-def twins(lora=False, **options):
+def twins(lora=False, dropout=0.0, **options):
     """A looped model and a scanned one from the same seeds (so the same weights and adapters)."""
     looped = Llama(CFG, nnx.Rngs(0), scan_layers=False, **options)
     scanned = Llama(CFG, nnx.Rngs(0), scan_layers=True, **options)
     if lora:
-        apply_lora(looped, ["q", "v", "down"], 4, 8.0, 0.0, nnx.Rngs(2))
-        apply_lora(scanned, ["q", "v", "down"], 4, 8.0, 0.0, nnx.Rngs(2))
+        apply_lora(looped, ["q", "v", "down"], 4, 8.0, dropout, nnx.Rngs(2))
+        apply_lora(scanned, ["q", "v", "down"], 4, 8.0, dropout, nnx.Rngs(2))
         for module in (looped, scanned):  # the same non-zero B, so the adapters matter
             for path, variable in nnx.to_flat_state(nnx.state(module, nnx.LoRAParam)):
                 if path[-1] == "lora_b":
@@ -154,3 +154,19 @@ def test_an_unknown_remat_policy_is_a_one_line_error():
         Llama(CFG, nnx.Rngs(0), remat="sometimes")
     with pytest.raises(RecRankerError, match=r"config key train.remat: expected 'auto' \| 'none' \| 'minimal'"):
         load_config(None, ["train.remat=true"])
+
+
+def test_scanned_lora_layers_under_remat_draw_the_dropout_masks_of_the_plain_scan():
+    # under remat, LoRA's scanned layers take the frozen weights as constants
+    # (Llama._scan_frozen_as_constants) and write the dropout streams back: the same masks,
+    # new ones at each call, as nnx.scan without remat draws
+    batch = packed_batch()
+    calls = {}
+    for remat in ("none", "dots", "full"):
+        _, scanned = twins(lora=True, remat=remat, dropout=0.5)
+        calls[remat] = [np.asarray(scanned(batch["tokens"], batch["positions"], batch["segment_ids"]))
+                        for _ in range(2)]
+    assert not np.allclose(calls["dots"][0], calls["dots"][1])
+    for remat in ("dots", "full"):
+        for got, want in zip(calls[remat], calls["none"]):
+            np.testing.assert_allclose(got, want, atol=2e-6)

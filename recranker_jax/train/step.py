@@ -100,12 +100,12 @@ def _update(model: Llama, optimizer: nnx.Optimizer, batch: dict[str, jax.Array])
 _JITTED = {"donating": nnx.jit(_update, donate_argnums=(0, 1)), "plain": nnx.jit(_update)}
 
 
-def jitted_train_step():
-    """The compiled step for this backend. On accelerators the model's and the optimizer's arrays
+def jitted_train_step(platform: str | None = None):
+    """The compiled step for `platform` (default: this backend). On accelerators the model's and the optimizer's arrays
     are donated: the step updates them in place, and LoRA's frozen weights are not copied every
     step (LLaMA-2 7B: 13.5 GB of device memory and a copy per step). Not on the CPU, where
     donating made the quickstart step ~4% slower (memory is plentiful there)."""
-    return _JITTED["plain" if jax.default_backend() == "cpu" else "donating"]
+    return _JITTED["plain" if (platform or jax.default_backend()) == "cpu" else "donating"]
 
 
 def train_step(model: Llama, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]) -> jax.Array:
