@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from recranker_jax.errors import RecRankerError
 
@@ -84,7 +85,9 @@ def cudnn_attention(q, k, v) -> jax.Array:
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
     """The splash kernel for `heads` causal heads of `length` (its mask tables are built in
-    NumPy, so once per shape; outside any trace, so no tracer is cached)."""
+    NumPy, so once per shape; outside any trace, so no tracer is cached). The tables are kept as
+    NumPy arrays: a device array would carry the mesh it was made under (`shard_map`'s), which
+    another mesh's trace refuses."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
@@ -92,7 +95,8 @@ def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
         block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
         block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
+        kernel = splash.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
+    return jax.tree.map(np.asarray, kernel)
 
 
 def splash_attention(q, k, v, segment_ids, interpret: bool = False) -> jax.Array:
