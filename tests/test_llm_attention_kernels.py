@@ -87,7 +87,7 @@ def test_the_platform_is_the_meshs_and_auto_picks_its_kernel_on_any_mesh():
         assert parallel.mesh_platform() == "cpu"
         assert jax.jit(lambda: jnp.float32(parallel.mesh_platform() == "cpu"))() == 1  # also while traced
     assert parallel.current_mesh() is None
-    # no fallback to "xla" on several devices (the TPU topology's mesh: tests/test_tpu_compile.py)
+    # no fallback to "xla" on several devices (the TPU topology's mesh: tests/test_attention_tpu_compile.py)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert select_implementation("auto", "gpu", True) == "pallas_gpu"
