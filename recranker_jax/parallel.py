@@ -3,7 +3,9 @@
 Model code names logical axes ("batch", "embed", "users", ...); the config's
 `mesh.rules` maps them to mesh axes ("data", "fsdp", "tensor"). Nothing here
 knows device counts: the mesh shape comes from the config, -1 taking the rest.
-`place_array`, `place_tree` and `place_batch` put host values on a mesh.
+`place_array`, `place_tree` and `place_batch` put host values on a mesh;
+`sharding_context(mesh, rules)` gives traced code (the attention kernels' `shard_map`) the
+mesh, its devices' platform and the rules.
 
 Runs over several processes (TPU pods, Slurm, local tests): `initialize_distributed` joins
 them from the environment, `is_primary` says which one writes files, `to_host` gathers a
@@ -12,17 +14,19 @@ global array, and `on_primary` runs host-side work once while the others wait.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from recranker_jax.config import MeshConfig
 from recranker_jax.config_checks import check_mesh, resolve_mesh_shape, shards
@@ -258,20 +262,81 @@ def gather_text(name: str, text: str, timeout_s: float = 3600) -> list[str]:
     return [client.blocking_key_value_get(f"{key}/{i}", int(timeout_s * 1000)) for i in range(jax.process_count())]
 
 
-def array_sharding(mesh: Mesh, shape: Sequence[int], logical_axes: Sequence[str | None], rules: dict[str, list[str]]) -> NamedSharding:
-    """The sharding of an array of `shape` by its logical axes, leaving a dimension unsharded
-    along mesh axes that do not divide it (e.g. a vocabulary of 32,001 over 2 tensor shards)."""
+def array_spec(mesh_shape: Mapping[str, int], shape: Sequence[int], logical_axes: Sequence[str | None],
+               rules: dict[str, list[str]]) -> PartitionSpec:
+    """The PartitionSpec of an array of `shape` by its logical axes on a mesh of `mesh_shape`
+    (axis name -> size), leaving a dimension unsharded along mesh axes that do not divide it
+    (e.g. a vocabulary of 32,001 over 2 tensor shards)."""
     entries = []
     for size, entry in zip(shape, logical_spec(logical_axes, rules)):
         axes = [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
         kept: list[str] = []
         for axis in axes:
-            if size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
+            if size % (math.prod(mesh_shape[a] for a in kept) * mesh_shape[axis]) == 0:
                 kept.append(axis)
         entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     while entries and entries[-1] is None:  # P(None,) and P() are one sharding; jit sees the short form
         entries.pop()
-    return NamedSharding(mesh, PartitionSpec(*entries))
+    return PartitionSpec(*entries)
+
+
+def array_sharding(mesh: Mesh, shape: Sequence[int], logical_axes: Sequence[str | None], rules: dict[str, list[str]]) -> NamedSharding:
+    """The sharding of an array of `shape` by its logical axes (`array_spec`) on `mesh`."""
+    return NamedSharding(mesh, array_spec(mesh.shape, shape, logical_axes, rules))
+
+
+# ----------------------------------------------------------------------------- the mesh at trace time
+#
+# Most of the model is partitioned by XLA from its arrays' shardings. A Pallas kernel is not
+# (XLA cannot partition a custom kernel): the attention kernels run under `jax.shard_map`, and
+# need the mesh and the rules while they are traced. `sharding_context` provides both.
+
+_RULES: contextvars.ContextVar[dict[str, list[str]] | None] = contextvars.ContextVar("recranker_rules", default=None)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh | None, rules: Mapping[str, list[str]]) -> Iterator[None]:
+    """`jax.set_mesh(mesh)` and the config's logical-axis `rules`, for everything traced inside:
+    the one call to make around a jitted step's call or `.lower(...)` when its arrays are on
+    `mesh` (a mesh of real devices or of a topology's, for an ahead-of-time compile):
+
+        with parallel.sharding_context(mesh, cfg.mesh.rules):
+            compiled = jitted_step.lower(*abstract_inputs).compile()
+
+    `current_mesh`, `current_rules` and `mesh_platform` read it (the attention kernels run under
+    `shard_map` over this mesh, for its devices' platform). `mesh` None: a no-op. A jitted
+    function's cache knows the mesh but not the rules: one process keeps one set of rules per mesh."""
+    if mesh is None:
+        yield
+        return
+    token = _RULES.set({name: list(axes) for name, axes in rules.items()})
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _RULES.reset(token)
+
+
+def current_mesh() -> AbstractMesh | None:
+    """The mesh of the enclosing `sharding_context` (or `jax.set_mesh`), abstract (its axis
+    names, sizes and device platform); None outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def current_rules() -> dict[str, list[str]]:
+    """The rules of the enclosing `sharding_context`; the default rules (`MeshConfig`) under a
+    bare `jax.set_mesh` or outside any mesh."""
+    rules = _RULES.get()
+    return MeshConfig().rules if rules is None else rules
+
+
+def mesh_platform() -> str:
+    """The platform of the current mesh's devices ("cpu", "gpu", "tpu"; a TPU topology's mesh
+    on a CPU machine says "tpu"), else of this machine's default backend."""
+    mesh = current_mesh()
+    device = None if mesh is None else mesh.abstract_device
+    return getattr(device, "platform", None) or jax.default_backend()
 
 
 # ----------------------------------------------------------------------------- placing host values on a mesh

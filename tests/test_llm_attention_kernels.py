@@ -1,5 +1,6 @@
 """The implementations of `causal_attention` per platform: the Pallas kernels in interpret mode
-(on the CPU) against the float64 reference, and the selection / error / fallback rules."""
+(on the CPU) against the float64 reference, alone and under `shard_map` on meshes of the 8
+simulated devices (and in a small Llama's loss gradient), and the selection / error / fallback rules."""
 
 import warnings
 from functools import partial
@@ -8,11 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
+from recranker_jax import parallel
+from recranker_jax.config import MeshConfig
 from recranker_jax.errors import RecRankerError
-from recranker_jax.llm import attention
+from recranker_jax.llm import attention, attention_kernels
 from recranker_jax.llm.attention import causal_attention, causal_mask, masked_attention, select_implementation
-from recranker_jax.llm.attention_kernels import cudnn_attention
+from recranker_jax.llm.attention_kernels import cudnn_attention, splash_attention
 from tests.test_llm_attention import numpy_attention
 
 
@@ -77,15 +81,123 @@ def test_auto_picks_the_platforms_kernel(platform, implementation, has_segments)
     assert select_implementation("auto", platform, has_segments) == implementation
 
 
-def test_auto_on_several_accelerators_uses_xla_until_the_kernels_are_partitioned(monkeypatch):
-    monkeypatch.setattr(attention, "_warned", set())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert select_implementation("auto", "gpu", True, devices=8) == "xla"
-        assert select_implementation("auto", "tpu", True, devices=4) == "xla"
-        assert select_implementation("auto", "cpu", True, devices=8) == "tiled"
-        assert select_implementation("pallas_gpu", "gpu", True, devices=8) == "pallas_gpu"  # by name: as asked
-    assert len(caught) == 2 and "runs on one device" in str(caught[0].message)
+def test_the_platform_is_the_meshs_and_auto_picks_its_kernel_on_any_mesh():
+    assert parallel.mesh_platform() == jax.default_backend() == "cpu"  # no mesh: this machine's backend
+    with parallel.sharding_context(parallel.make_mesh(MeshConfig(shape=[2, 2, 2])), MeshConfig().rules):
+        assert parallel.mesh_platform() == "cpu"
+        assert jax.jit(lambda: jnp.float32(parallel.mesh_platform() == "cpu"))() == 1  # also while traced
+    assert parallel.current_mesh() is None
+    # no fallback to "xla" on several devices (the TPU topology's mesh: tests/test_attention_tpu_compile.py)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_implementation("auto", "gpu", True) == "pallas_gpu"
+        assert select_implementation("auto", "tpu", True) == "splash"
+
+
+# ----------------------------------------------------------------------------- under shard_map on a mesh
+
+RULES = MeshConfig().rules  # batch: data, fsdp; heads and kv_heads: tensor
+
+
+def mesh_inputs(length=200):
+    """8 rows (`inputs` of four seeds): a batch that the 8 devices of a (1, 8, 1) mesh can split."""
+    parts = [inputs(length, seed) for seed in range(4)]
+    return [np.concatenate([part[i] for part in parts]) for i in range(4)]
+
+
+@pytest.mark.parametrize("mesh_shape, q_shape, batch, heads", [
+    ([2, 2, 2], (8, 200, 2, 2, 32), ("data", "fsdp"), "tensor"),
+    ([1, 8, 1], (8, 200, 2, 2, 32), ("data", "fsdp"), "tensor"),
+    ([2, 1, 4], (8, 200, 2, 2, 32), ("data", "fsdp"), None),  # 4 tensor shards do not divide 2 KV heads
+    ([1, 8, 1], (2, 200, 2, 2, 32), "data", "tensor"),  # 8 fsdp shards do not divide 2 rows
+])
+def test_kernel_operands_split_the_batch_and_the_kv_heads_where_they_divide(mesh_shape, q_shape, batch, heads):
+    mesh = parallel.make_mesh(MeshConfig(shape=mesh_shape))
+    assert attention.kernel_specs(mesh.shape, q_shape, RULES) == (
+        P(batch, None, heads, None, None), P(batch, None, heads, None), P(batch, None))
+
+
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "splash"])
+@pytest.mark.parametrize("mesh_shape", [[2, 2, 2], [1, 8, 1], [2, 1, 4]])
+def test_pallas_kernels_under_shard_map_equal_the_reference_forward_and_backward(implementation, mesh_shape):
+    q, k, v, segments = map(jnp.asarray, mesh_inputs())
+    weights = jax.random.normal(jax.random.PRNGKey(0), q.shape)
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(attend(q, k, v) * weights)
+
+    def kernel(q, k, v):
+        return causal_attention(q, k, v, segments, implementation, interpret=True)
+
+    want_out = masked_attention(q, k, v, causal_mask(segments))
+    want = jax.jit(jax.grad(loss(lambda q, k, v: masked_attention(q, k, v, causal_mask(segments))),
+                            argnums=(0, 1, 2)))(q, k, v)
+    with parallel.sharding_context(parallel.make_mesh(MeshConfig(shape=mesh_shape)), RULES):
+        assert "shard_map" in str(jax.make_jaxpr(kernel)(q, k, v))
+        out = jax.jit(kernel)(q, k, v)
+        got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=3e-6)
+    for name, g, w in zip("qkv", got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, err_msg=f"d{name}")
+
+
+def test_pallas_kernels_without_segment_ids_under_shard_map():
+    q, k, v, _ = map(jnp.asarray, mesh_inputs())
+    with parallel.sharding_context(parallel.make_mesh(MeshConfig(shape=[2, 2, 2])), RULES):
+        got = jax.jit(partial(causal_attention, implementation="splash", interpret=True))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(masked_attention(q, k, v, causal_mask(jnp.zeros(q.shape[:2])))),
+                               atol=3e-6)
+
+
+def test_without_a_mesh_or_on_one_device_the_kernels_run_as_one_call():
+    q, k, v, segments = map(jnp.asarray, inputs(128))
+
+    def kernel(q, k, v):
+        return causal_attention(q, k, v, segments, "splash", interpret=True)
+
+    assert "shard_map" not in str(jax.make_jaxpr(kernel)(q, k, v))
+    with parallel.sharding_context(parallel.make_mesh(MeshConfig(shape=[1, 1, 1]), jax.devices()[:1]), RULES):
+        assert "shard_map" not in str(jax.make_jaxpr(kernel)(q, k, v))
+
+
+def test_a_llama_with_splash_under_the_mesh_has_the_loss_gradient_of_xla(monkeypatch):
+    from flax import nnx
+
+    from recranker_jax.llm import llama
+    from recranker_jax.train.step import answer_loss, shard_model
+
+    monkeypatch.setattr(llama, "causal_attention", partial(causal_attention, interpret=True))
+    blocks = []  # the q blocks the kernel sees: one device's
+
+    def splash_block(q, *args, **kwargs):
+        blocks.append(q.shape)
+        return splash_attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention_kernels, "splash_attention", splash_block)
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(0)
+    segments = np.sort(rng.integers(0, 4, (4, 128)), axis=1).astype(np.int32)  # packed rows, padding (0) first
+    batch = {"tokens": rng.integers(3, 64, (4, 128)).astype(np.int32), "segment_ids": segments,
+             "positions": np.broadcast_to(np.arange(128, dtype=np.int32), (4, 128)).copy(),
+             "loss_mask": (segments > 0).astype(np.int32)}
+    mesh = parallel.make_mesh(MeshConfig(shape=[2, 2, 2]))
+
+    def loss_gradient(implementation):
+        model = llama.Llama(cfg, nnx.Rngs(0), attention=implementation)
+        shard_model(model, mesh, RULES)
+        with parallel.sharding_context(mesh, RULES):
+            loss, grads = nnx.jit(lambda m, b: nnx.value_and_grad(lambda m: answer_loss(m, b)[0])(m))(
+                model, parallel.place_batch(batch, mesh, RULES))
+        return float(loss), nnx.to_flat_state(grads)
+
+    loss, grads = loss_gradient("splash")
+    assert blocks and set(blocks) == {(1, 128, 1, 2, 16)}  # 4 rows over data x fsdp, 2 KV heads over tensor
+    want_loss, want = loss_gradient("xla")
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    assert [path for path, _ in grads] == [path for path, _ in want]
+    for (path, g), (_, w) in zip(grads, want):
+        np.testing.assert_allclose(np.asarray(g.get_value()), np.asarray(w.get_value()), atol=1e-6, err_msg=str(path))
 
 
 def test_an_unknown_implementation_is_an_error_listing_the_valid_names():

@@ -22,9 +22,15 @@
     segment ids on every call (packed training rows, left-padded prefills).
   - "splash" ("auto" on TPUs): the Pallas TPU splash attention, native GQA, vmapped over the batch.
   The Pallas kernels pad T to their tiles (padding in a segment of its own) and run on any
-  platform with `interpret=True` (slow; for tests). XLA does not partition a Pallas kernel over
-  a mesh, so "auto" picks them on one accelerator only and "xla" on several (until the kernels
-  run under `shard_map`). Errors (`RecRankerError`, one line): an
+  platform with `interpret=True` (slow; for tests).
+  The platform is that of the current mesh's devices (`parallel.sharding_context`; a TPU
+  topology's mesh on a CPU machine is a TPU mesh), else this machine's default backend. XLA
+  cannot partition a library kernel (Pallas, cuDNN) over a mesh, so on a mesh of several devices
+  they run under `jax.shard_map` over it: the batch split along the mesh axes the rules give
+  "batch" (data, fsdp), the KV heads along those of "kv_heads" (tensor) where they divide them
+  (else whole), segment ids with the batch, time whole. "auto" picks them on meshes of any size.
+  Outside a sharding context they run as one call, unpartitioned: arrays sharded over several
+  devices need the context. Errors (`RecRankerError`, one line): an
   unknown name; "pallas_gpu" off a GPU or "splash" off a TPU without `interpret`; "cudnn" off
   a GPU or with 32-bit inputs. "tiled" and "xla" run everywhere.
 """
@@ -32,12 +38,15 @@
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
+from recranker_jax import parallel
 from recranker_jax.errors import RecRankerError
 from recranker_jax.llm import attention_kernels
 from recranker_jax.llm.attention_kernels import pad_time
@@ -71,23 +80,16 @@ def causal_mask(segment_ids: jax.Array) -> jax.Array:
     return jnp.tril(jnp.ones((length, length), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
-def select_implementation(requested: str, platform: str, has_segments: bool, interpret: bool = False,
-                          devices: int = 1) -> str:
+def select_implementation(requested: str, platform: str, has_segments: bool, interpret: bool = False) -> str:
     """The implementation of `causal_attention` that runs for `requested` on `platform`
-    ("cpu", "gpu" / "cuda" / "rocm", "tpu") with `devices` devices; see the module docstring."""
+    ("cpu", "gpu" / "cuda" / "rocm", "tpu": the mesh's devices', `parallel.mesh_platform`), on
+    a mesh of any size; see the module docstring."""
     platform = "gpu" if platform in ("cuda", "rocm") else platform
     if requested not in IMPLEMENTATIONS:
         raise RecRankerError(
             f"attention implementation {requested!r} is unknown; expected one of {', '.join(IMPLEMENTATIONS)}")
     if requested == "auto":
-        chosen = DEFAULT_IMPLEMENTATION.get(platform, "xla")
-        if chosen in _NATIVE_PLATFORM and devices > 1:
-            # a pallas_call is not partitioned by XLA over a mesh (it would run replicated):
-            # until the kernels run under shard_map, several accelerators use XLA's attention
-            _warn_once(f"attention 'auto' on {devices} {platform.upper()}s uses 'xla': the Pallas kernel "
-                       f"'{chosen}' runs on one device (ask for it by name to use it anyway)")
-            return "xla"
-        return chosen
+        return DEFAULT_IMPLEMENTATION.get(platform, "xla")
     native = _NATIVE_PLATFORM.get(requested)
     interpretable = requested != "cudnn"  # the Pallas kernels
     if native is not None and platform != native and not (interpret and interpretable):
@@ -113,19 +115,58 @@ def causal_attention(
     """Causal attention within segments: q [B, T, KV, G, D] (unscaled), k / v [B, T, KV, D],
     segment_ids [B, T] (None: one segment) -> [B, T, KV, G, D] in q's dtype. `block`: the tile
     of "tiled" and "xla" (the Pallas kernels use their own); `interpret`: Pallas interpret mode."""
-    implementation = select_implementation(implementation, jax.default_backend(), segment_ids is not None, interpret,
-                                           jax.device_count())
+    implementation = select_implementation(implementation, parallel.mesh_platform(), segment_ids is not None, interpret)
     if implementation == "pallas_gpu":
-        return attention_kernels.pallas_gpu_attention(q, k, v, segment_ids, interpret)
+        return on_mesh(functools.partial(attention_kernels.pallas_gpu_attention, interpret=interpret), q, k, v, segment_ids)
     if implementation == "splash":
-        return attention_kernels.splash_attention(q, k, v, segment_ids, interpret)
+        return on_mesh(functools.partial(attention_kernels.splash_attention, interpret=interpret), q, k, v, segment_ids)
     if implementation == "cudnn":
-        return attention_kernels.cudnn_attention(q, k, v)
+        return on_mesh(lambda q, k, v, _: attention_kernels.cudnn_attention(q, k, v), q, k, v, None)
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
     if implementation == "xla":
         return xla_attention(q, k, v, segment_ids, block)
     return tiled_attention(q, k, v, segment_ids, block)
+
+
+# Logical axes of the kernels' operands: the batch and the KV heads may be split, not time.
+QUERY_AXES = ("batch", None, "kv_heads", None, None)
+
+
+def kernel_specs(mesh_shape, q_shape: tuple[int, ...], rules: dict[str, list[str]]) -> tuple[PartitionSpec, ...]:
+    """(q, k / v, segment_ids) PartitionSpecs of a kernel's operands on a mesh of `mesh_shape`:
+    the batch along the mesh axes of "batch", the KV heads along those of "kv_heads" (or, without
+    that rule, "heads"), each kept only where it divides the dimension (`parallel.array_spec`)."""
+    if "kv_heads" not in rules and "heads" in rules:
+        rules = {**rules, "kv_heads": rules["heads"]}
+    entries = tuple(parallel.array_spec(mesh_shape, q_shape, QUERY_AXES, rules)) + (None,) * 3
+    batch, heads = entries[0], entries[2]
+    return (PartitionSpec(batch, None, heads, None, None), PartitionSpec(batch, None, heads, None),
+            PartitionSpec(batch, None))
+
+
+def on_mesh(kernel, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """`kernel(q, k, v, segment_ids)` on each device's block under `jax.shard_map` over the
+    current mesh (`parallel.sharding_context`; `kernel_specs` with its rules); one plain call
+    outside a mesh or on a mesh of one device. Axes already manual (inside another shard_map)
+    are left alone. `check_vma=False`: the library kernels declare no varying-axes types; the
+    cost is that the gradients of operands whole along a mesh axis (KV heads that the tensor
+    axis does not divide) are summed over it, after their cotangent was divided by its size."""
+    mesh = parallel.current_mesh()
+    manual = set(mesh.manual_axes) if mesh is not None else set()
+    free = [name for name in (mesh.axis_names if mesh is not None else ()) if name not in manual]
+    if not free or math.prod(mesh.shape[name] for name in free) == 1:
+        return kernel(q, k, v, segment_ids)
+    rules = {name: [axis for axis in axes if axis in free] for name, axes in parallel.current_rules().items()}
+    q_spec, kv_spec, segment_spec = kernel_specs(mesh.shape, q.shape, rules)
+    operands, specs = (q, k, v), (q_spec, kv_spec, kv_spec)
+    if segment_ids is None:
+        def block(q, k, v):
+            return kernel(q, k, v, None)
+    else:
+        operands, specs, block = (*operands, segment_ids), (*specs, segment_spec), kernel
+    return jax.shard_map(block, mesh=mesh, in_specs=specs, out_specs=q_spec, axis_names=set(free),
+                         check_vma=False)(*operands)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:

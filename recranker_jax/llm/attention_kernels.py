@@ -8,11 +8,13 @@ imported inside the functions, so importing this module needs no accelerator lib
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from recranker_jax.errors import RecRankerError
 
@@ -83,16 +85,22 @@ def cudnn_attention(q, k, v) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
-    """The splash kernel for `heads` causal heads of `length` (its mask tables are built in
-    NumPy, so once per shape; outside any trace, so no tracer is cached)."""
+    """The splash kernel for `heads` causal heads of `length`, once per shape. Its mask tables
+    are built in NumPy and made device arrays by the library: that runs in a thread of its own,
+    outside the caller's trace and mesh (JAX's trace and mesh contexts are per thread), so no
+    tracer is cached and no array is placed on the mesh (a TPU topology's devices, in an
+    ahead-of-time compile, run nothing); the tables are kept as NumPy arrays, which carry no
+    mesh for another trace to refuse."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
     blocks = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
         block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        kernel = pool.submit(splash.make_splash_mha_single_device, mask, block_sizes=blocks,
+                             interpret=interpret).result()
+    return jax.tree.map(np.asarray, kernel)
 
 
 def splash_attention(q, k, v, segment_ids, interpret: bool = False) -> jax.Array:

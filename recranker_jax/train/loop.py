@@ -8,7 +8,8 @@ restored (corrupt, or cut short by a crash) is skipped with a warning for the on
 A checkpoint holds the trained weights, the optimizer and random state, in the model's layer
 layout (a checkpoint of the other `model.scan_layers` layout is a one-line error saying which
 to use), and not the frozen base weights of LoRA, which every start reads from model.checkpoint.
-Each step logs its loss, tokens/s and, where the device's peak is known, the MFU.
+Each step logs its loss, tokens/s and, where the device's peak is known, the MFU. The step
+runs in the mesh's `parallel.sharding_context` (so the attention kernels run under shard_map).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from recranker_jax import hardware
 from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.layout import checkpoint_layout
-from recranker_jax.parallel import place_batch
+from recranker_jax.parallel import place_batch, sharding_context
 from recranker_jax.train.packing import PackedRows, answer_capacity, batch_arrays
 from recranker_jax.train.step import train_step
 
@@ -175,7 +176,8 @@ def train(
             batch = place_batch(batch_arrays(rows.tokens[index], rows.loss_mask[index], rows.segment_ids[index],
                                              rows.positions[index], capacity), mesh, rules or {})
             started = time.perf_counter()
-            loss = float(train_step(model, optimizer, batch))
+            with sharding_context(mesh, rules or {}):  # the attention kernels' shard_map reads it
+                loss = float(train_step(model, optimizer, batch))
             seconds = time.perf_counter() - started
             step += 1
             mfu = None
