@@ -337,8 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = COMMANDS.get((args.command, action), cmd_stage)  # the table's stages (parser choices)
     debug = os.environ.get("RECRANKER_DEBUG") == "1"
     try:
-        from recranker_jax.parallel import initialize_distributed, set_xla_flags
+        from recranker_jax.parallel import initialize_distributed, set_xla_flags, skip_absent_tpu
 
+        skip_absent_tpu()  # libtpu installed, no TPU here: the CPU, without libtpu's start-up
         set_xla_flags()  # before any backend starts (the bench workers inherit them)
         initialize_distributed()  # several processes (TPU pod, Slurm, RECRANKER_*): join them first
         return handler(args)

@@ -85,6 +85,8 @@ def tpu_environment(accelerator: str, environ: dict | None = None) -> None:
     environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if environ.get("JAX_PLATFORMS") == "cpu":  # this process drives no TPU: it may load libtpu beside another
+        environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def slice_devices(tpu: Slice, slices: int = 1) -> list:
@@ -173,7 +175,10 @@ def compile_finetune(cfg: Config, accelerator: str, slices: int = 1, arch: str |
     chips = tpu.chips * slices
     from recranker_jax.config_checks import resolve_mesh_shape
 
-    sizes = dict(zip(cfg.mesh.axes, resolve_mesh_shape(cfg.mesh.shape, chips)))
+    try:
+        sizes = dict(zip(cfg.mesh.axes, resolve_mesh_shape(cfg.mesh.shape, chips)))
+    except RecRankerError as error:
+        raise RecRankerError(f"{tpu.accelerator}{f' x {slices}' if slices > 1 else ''} has {chips} chips: {error}") from None
     check_batch("train.batch_size" if batch_size is None else "--batch-size", shape.batch_size, cfg.mesh.rules, sizes)
     # `auto` on a TPU asks the compiler (train/remat_choice.py): the fastest policy that fits
     policies = [resolve(remat or shape.remat, platform="tpu")] if (remat or shape.remat) != "auto" else None
@@ -241,8 +246,8 @@ def compile_rank(cfg: Config, llama, mesh, capacity: int | None) -> dict:
 
     from recranker_jax.llm import decode
     from recranker_jax.llm.llama import KVCache, Llama
-    from recranker_jax.parallel import BATCH_AXES, logical_spec
-    from recranker_jax.train.aot import _shard_abstract, memory_figures
+    from recranker_jax.parallel import BATCH_AXES, logical_spec, sharding_context
+    from recranker_jax.train.aot import HEADROOM, _shard_abstract, memory_figures
 
     rows = cfg.rank.batch_size
     width = decode.bucket_width(cfg.prompts.max_tokens)
@@ -271,7 +276,7 @@ def compile_rank(cfg: Config, llama, mesh, capacity: int | None) -> dict:
     for name, (function, args) in programs.items():
         started = time.perf_counter()
         try:
-            with jax.set_mesh(mesh):
+            with sharding_context(mesh, cfg.mesh.rules):
                 compiled = function.lower(*args).compile()
         except Exception as error:
             figures = out_of_memory_figures(str(error))
@@ -280,7 +285,7 @@ def compile_rank(cfg: Config, llama, mesh, capacity: int | None) -> dict:
             out[name] = {"fits": False, "memory": None, **figures, "compile_seconds": time.perf_counter() - started}
             continue
         memory = memory_figures(compiled)
-        out[name] = {"fits": capacity is None or memory["total"] <= capacity, "memory": memory,
+        out[name] = {"fits": capacity is None or memory["total"] <= HEADROOM * capacity, "memory": memory,
                      "needed_bytes": memory["total"], "compile_seconds": time.perf_counter() - started}
     out["shape"] = {"rows": rows, "prompt_width": width, "branch_width": branch_width}
     return out

@@ -92,6 +92,26 @@ def set_xla_flags(environ: dict | None = None) -> str:
     return environ.get("XLA_FLAGS", "")
 
 
+def skip_absent_tpu(environ: dict | None = None) -> str | None:
+    """With libtpu installed (the `tpu` extra, for `recranker compile`) on a machine without a
+    TPU, JAX would try to start a TPU backend first: seconds of start-up and lines of libtpu
+    warnings before it falls back to the CPU. There, unless JAX_PLATFORMS is set or a CUDA
+    plugin is installed, use the CPU (JAX_PLATFORMS=cpu; the TPU compiler still describes
+    slices). Returns the JAX_PLATFORMS it set, else None. Call it before any JAX computation."""
+    import importlib.util
+    from pathlib import Path
+
+    environ = os.environ if environ is None else environ
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return None
+    has_tpu = any(Path("/dev").glob("accel*")) or Path("/dev/vfio").is_dir()
+    has_cuda = any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    if has_tpu or has_cuda:
+        return None
+    environ["JAX_PLATFORMS"] = "cpu"
+    return "cpu"
+
+
 # ----------------------------------------------------------------------------- several processes
 #
 # One process per host (TPU VM, Slurm task, or a local process in tests) runs the same

@@ -14,39 +14,21 @@ from recranker_jax.config import Config
 from recranker_jax.errors import RecRankerError
 
 
-def abstract_step_inputs(problem: dict, scan_layers: bool):
-    """(model, optimizer, batch) of the problem as abstract shapes, in the finetune's batch form."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
+def step_shape(problem: dict, scan_layers: bool):
+    """The `train.aot.StepShape` of a bench train problem, in the finetune's batch form."""
     from recranker_jax.bench.train import _llama_config, loss_mask
-    from recranker_jax.llm.llama import Llama
-    from recranker_jax.llm.lora import apply_lora
+    from recranker_jax.train.aot import StepShape
     from recranker_jax.train.packing import answer_capacity
-    from recranker_jax.train.step import make_optimizer
 
     lora = problem["lora"]
-
-    def build():
-        model = Llama(_llama_config(problem), nnx.Rngs(0), problem["dtype"], problem["param_dtype"], problem["remat"],
-                      scan_layers, problem.get("attention", "auto"))
-        if lora:
-            apply_lora(model, lora["targets"], lora["rank"], lora["alpha"], 0.0, nnx.Rngs(1))
-        optimizer = nnx.Optimizer(model, make_optimizer(problem["lr"], problem["warmup_steps"], problem["total_steps"]),
-                                  wrt=nnx.LoRAParam if lora else nnx.Param)
-        return model, optimizer
-
-    model, optimizer = nnx.eval_shape(build)
-    rows, length = problem["batch_size"], problem["seq_len"]
-    batch = {name: jax.ShapeDtypeStruct((rows, length), jnp.int32) for name in ("tokens", "positions", "segment_ids")}
-    if problem.get("loss") == "answers":
-        answers = answer_capacity(loss_mask(problem))
-        batch.update(answer_positions=jax.ShapeDtypeStruct((rows, answers), jnp.int32),
-                     answer_mask=jax.ShapeDtypeStruct((rows, answers), jnp.int32))
-    else:
-        batch["loss_mask"] = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-    return model, optimizer, batch
+    return StepShape(
+        llama=_llama_config(problem), batch_size=problem["batch_size"], seq_len=problem["seq_len"],
+        dtype=problem["dtype"], param_dtype=problem["param_dtype"], remat=problem["remat"],
+        attention=problem.get("attention", "auto"), scan_layers=scan_layers,
+        lora=(tuple(lora["targets"]), lora["rank"], lora["alpha"]) if lora else None,
+        answers=answer_capacity(loss_mask(problem)) if problem.get("loss") == "answers" else None,
+        lr=problem["lr"], warmup_steps=problem["warmup_steps"], total_steps=problem["total_steps"],
+        weight_decay=problem.get("weight_decay", 0.0), clip_norm=problem.get("clip_norm", 1.0))
 
 
 def bench_compile(cfg: Config, preset: str = "7b-lora", scan_layers: bool = True, layers: int | None = None,
@@ -54,6 +36,7 @@ def bench_compile(cfg: Config, preset: str = "7b-lora", scan_layers: bool = True
     from recranker_jax.hardware import environment
     from recranker_jax.bench.train import problem_from_config
     from recranker_jax.llm.remat import resolve
+    from recranker_jax.train.aot import abstract_step_inputs
     from recranker_jax.train.step import jitted_train_step
 
     problem = problem_from_config(cfg, preset)
@@ -62,7 +45,7 @@ def bench_compile(cfg: Config, preset: str = "7b-lora", scan_layers: bool = True
             raise RecRankerError(f"bench compile: --layers {layers}: expected a positive integer")
         problem["num_hidden_layers"] = layers
     problem["remat"] = resolve(remat or problem["remat"])
-    model, optimizer, batch = abstract_step_inputs(problem, scan_layers)
+    model, optimizer, batch = abstract_step_inputs(step_shape(problem, scan_layers))
     started = time.perf_counter()
     lowered = jitted_train_step().lower(model, optimizer, batch)
     lower_seconds = time.perf_counter() - started

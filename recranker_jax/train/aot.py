@@ -31,6 +31,10 @@ from recranker_jax.parallel import BATCH_AXES, array_sharding, logical_spec
 # The model's top-level attributes: an optimizer-state path names a weight from one of these on.
 MODEL_ROOTS = ("embed_tokens", "layers", "norm", "lm_head")
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
+# A compiled program fits a device when its peak is at most this share of the device's memory
+# (the rest: the runtime's own buffers and fragmentation; a TPU compiler accepts programs up to
+# its usable HBM, 15.75 of a v5e chip's 16 GiB).
+HEADROOM = 0.95
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,13 +162,15 @@ def compile_step(shape: StepShape, mesh: Mesh, rules: dict, capacity_bytes: int 
     """Lower and compile the donating finetune step of `shape` on `mesh`. Returns {"fits",
     "memory" (bytes per device, or None when the compiler refused the program), "needed_bytes"
     (the compiler's figure when it refused), "lower_seconds", "compile_seconds", "error"}.
-    `capacity_bytes` (a device's memory): a compiled program larger than it does not fit either
-    (compilers that do not check, e.g. the CPU's)."""
+    `capacity_bytes` (a device's memory): a compiled program whose peak exceeds `HEADROOM` of
+    it does not fit either (compilers that do not check, e.g. the CPU's, or a TPU program at
+    the compiler's very limit)."""
+    from recranker_jax.parallel import sharding_context
     from recranker_jax.train.step import jitted_train_step
 
     model, optimizer, batch = abstract_step_inputs(shape, mesh, rules)
     started = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with sharding_context(mesh, rules):
         lowered = jitted_train_step(mesh.devices.flat[0].platform).lower(model, optimizer, batch)
     lower_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -180,6 +186,6 @@ def compile_step(shape: StepShape, mesh: Mesh, rules: dict, capacity_bytes: int 
                               str(error).splitlines()[0])}
     compile_seconds = time.perf_counter() - started
     memory = memory_figures(compiled)
-    fits = capacity_bytes is None or memory["total"] <= capacity_bytes
+    fits = capacity_bytes is None or memory["total"] <= HEADROOM * capacity_bytes
     return {"fits": fits, "memory": memory, "needed_bytes": memory["total"], "lower_seconds": lower_seconds,
             "compile_seconds": compile_seconds, "error": None}

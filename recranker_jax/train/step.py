@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from recranker_jax.llm.llama import WEIGHT_AXES, Llama, weight_axes  # noqa: F401 (re-exported)
-from recranker_jax.parallel import array_sharding, place_array
+from recranker_jax.parallel import array_sharding, mesh_platform, place_array
 from recranker_jax.train.loss import linear_cross_entropy
 
 
@@ -64,7 +64,7 @@ def answer_loss(model: Llama, batch: dict[str, jax.Array], fused: bool | None = 
         mask = batch["loss_mask"].astype(jnp.float32)
     count = jnp.sum(mask)
     if fused is None:
-        fused = jax.default_backend() == "cpu" and "answer_positions" not in batch
+        fused = mesh_platform() == "cpu" and "answer_positions" not in batch
     if fused:
         total = linear_cross_entropy(model.norm(hidden), model.head_weight(), targets, mask)
     else:
