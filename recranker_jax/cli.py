@@ -327,7 +327,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     print(f"report written to {write_report(cfg.run_dir)}")
     print(format_table(read_json(RunFolder.of(cfg).metrics), args.split))
-    print("\n".join(f"verdict, {line}" for line in verdict_lines(cfg.run_dir)))
+    print("\n".join(f"[verdict] {line}" for line in verdict_lines(cfg.run_dir)))
     return 0
 
 

@@ -373,6 +373,7 @@ def test_cli_report_of_the_configured_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert str(run_dir / "report.md") in out
     assert format_table(json.loads((run_dir / "metrics.json").read_text())) in out
+    assert "\n".join(f"[verdict] {line}" for line in verdict_lines(run_dir)) in out
     assert (run_dir / "plots" / "metrics.png").is_file()
 
 
