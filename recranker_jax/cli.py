@@ -124,8 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_compare = bench_commands.add_parser("compare", help="bench result files side by side, with ratios to the first")
     bench_compare.add_argument("files", nargs="+", metavar="RESULT.json", help="files written by recranker bench")
 
-    plan_help = "bytes per device of a finetune config on a mesh (abstract shapes, no weights)"
-    plan = stages.add_parser("plan", help=plan_help, description=plan_help[0].upper() + plan_help[1:] + ".")
+    plan = stages.add_parser("plan", help="bytes per device of a finetune config on a mesh (abstract shapes, no weights)")
     _add_common(plan)
     from recranker_jax.plan import add_plan_arguments
 
