@@ -34,7 +34,7 @@ while (($#)); do
     --budget) (($# >= 2)) || fail "--budget needs a number of seconds"; budget="$2"; shift 2 ;;
     --rehearse) rehearse=1; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) usage; exit 0 ;;
+    -h|--help) awk 'NR == 1 {next} /^#/ {sub(/^# ?/, ""); print; next} {exit}' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) usage; fail "unknown argument $1" ;;
   esac
 done

@@ -7,6 +7,10 @@ fail() {  # one line on stderr, exit 2 (a usage mistake)
   exit 2
 }
 
+usage_text() {  # $1: a script; prints its leading comment (its usage), for --help
+  awk 'NR == 1 {next} /^#/ {sub(/^# ?/, ""); print; next} {exit}' "$1"
+}
+
 quote() {  # shell-quote one word only where needed, so printed lines can be pasted
   if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
 }

@@ -39,7 +39,7 @@ while (($#)); do
     --port) (($# >= 2)) || fail "--port needs a value"; port="$2"; shift 2 ;;
     --devices-per-process) (($# >= 2)) || fail "--devices-per-process needs a value"; devices="$2"; shift 2 ;;
     --logs) (($# >= 2)) || fail "--logs needs a value"; logs="$2"; shift 2 ;;
-    -h|--help) usage; exit 0 ;;
+    -h|--help) usage_text "${BASH_SOURCE[0]}"; exit 0 ;;
     --) shift; break ;;
     *) usage; fail "unknown option $1 (put the command after --)" ;;
   esac

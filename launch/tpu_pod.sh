@@ -84,8 +84,9 @@ while (($#)); do
     --resume) resume=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     --rehearse) rehearse=1; shift ;;
+    -h|--help) usage_text "${BASH_SOURCE[0]}"; exit 0 ;;
     --) shift; break ;;
-    *) fail "unknown option $1 (put the recranker command after --)" ;;
+    *) fail "unknown option $1 (put the recranker command after --; --help shows the usage)" ;;
   esac
 done
 command=("$@")

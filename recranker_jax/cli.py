@@ -23,6 +23,7 @@ def _add_common(parser: argparse.ArgumentParser, default_config: str | None = No
     parser.add_argument(
         "--config",
         default=default_config,
+        required=required,
         help="YAML config file, or the name of a bundled config (e.g. quickstart)"
         + ("; required" if required else f"; default {default_config}" if default_config
            else "; default: built-in defaults"),
@@ -37,12 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"recranker-jax {__version__}")
     stages = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = stages.add_parser("data", help="load, inspect and split the ratings")
+    data = stages.add_parser("data", help="load, inspect and split the ratings",
+                             description="Load the ratings of data.source, inspect them and write the leave-one-out split.")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    stats = data_commands.add_parser("stats", help="dataset and split statistics")
+    stats = data_commands.add_parser("stats", help="dataset and split statistics",
+                                     description="Dataset and split statistics (runs the data stage if needed).")
     _add_common(stats, default_config="quickstart")
     stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    split = data_commands.add_parser("split", help="write train/valid/test/items CSVs")
+    split = data_commands.add_parser("split", help="write train/valid/test/items CSVs",
+                                     description="Write train/valid/test/items CSVs (raw ids) into the run's data/.")
     _add_common(split, default_config="quickstart")
     split.add_argument("--out", help="also copy the CSVs into this folder")
 
@@ -53,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
             text = f"{stage.help} (runs the unfinished stages before it first)"
             _add_common(stages.add_parser(stage.name, help=text, description=text), default_config="quickstart")
 
-    bench = stages.add_parser("bench", help="throughput benchmarks")
+    bench = stages.add_parser("bench", help="throughput benchmarks",
+                              description="Throughput benchmarks, JAX against PyTorch where a counterpart exists.")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_retrieval = bench_commands.add_parser(
         "retrieval", help="retrieval epoch and full-ranking time, JAX vs PyTorch: LightGCN (dense, edges vs "
@@ -133,16 +138,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compile_arguments(compile_parser)
 
-    report = stages.add_parser("report", help="write the run's report.md and plots, or compare runs side by side")
+    report = stages.add_parser("report", help="write the run's report.md and plots, or compare runs side by side",
+                               description="Write the run's report (verdict first: report.md, report.html, plots/) "
+                                           "and print its table and verdict; with --runs, compare finished runs.")
     _add_common(report, default_config="quickstart")
     report.add_argument("--runs", nargs="+", metavar="DIR", help="compare these run folders in one table instead")
     report.add_argument("--split", default="test", help="split shown in the printed table (test or valid); default test")
 
-    quickstart = stages.add_parser("quickstart", help="the whole pipeline on the embedded MovieLens, on the CPU")
+    quickstart = stages.add_parser("quickstart", help="the whole pipeline on the embedded MovieLens, on the CPU",
+                                   description="Every stage on the embedded MovieLens with configs/quickstart.yaml, "
+                                               "then the report and its verdict (about 2-3 minutes on a laptop CPU).")
     _add_common(quickstart, default_config="quickstart")
-    pipeline = stages.add_parser("pipeline", help="every stage for any config")
+    pipeline = stages.add_parser("pipeline", help="every stage for any config",
+                                 description="Every stage of a config, then the report and its verdict.")
     _add_common(pipeline, required=True)
+    _add_config_commands(stages)
+    _describe(parser)
     return parser
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand's help page a description line: its one-line help, where it has none."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                sub = action.choices[choice.dest]
+                if not sub.description and choice.help:
+                    sub.description = choice.help[0].upper() + choice.help[1:] + "."
+                _describe(sub)
+
+
+def _add_config_commands(stages) -> None:
+    config = stages.add_parser("config", help="show the resolved config or list the config keys",
+                               description="The resolved config with each key's meaning, or every key.")
+    actions = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="the resolved config as YAML, each key's meaning as a comment",
+                              description="The resolved config (file <- key=value overrides, checked) as YAML, each "
+                                          "key's meaning as a comment; it loads back as a config file.")
+    _add_common(show, default_config="quickstart")
+    actions.add_parser("keys", help="every config key with its type, default and meaning",
+                       description="Every config key with its type, default and one-line meaning.")
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
@@ -182,10 +217,11 @@ def _run_stage(cfg, name: str) -> None:
 
 def _write_report(cfg) -> None:
     from recranker_jax.parallel import is_primary
-    from recranker_jax.report import write_report
+    from recranker_jax.report import verdict_lines, write_report
 
     if is_primary():  # with several processes, process 0 writes the report
         print(f"[report] written: {write_report(cfg.run_dir)}")
+        print("\n".join(f"[verdict] {line}" for line in verdict_lines(cfg.run_dir)))
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -259,6 +295,20 @@ def cmd_bench_compile(args: argparse.Namespace) -> int:
     return _show_results(doc, format_results, args.out)
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from recranker_jax.config_keys import format_config
+
+    print(format_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from recranker_jax.config_keys import format_keys
+
+    print(format_keys())
+    return 0
+
+
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from recranker_jax.bench.compare import format_comparison
 
@@ -279,7 +329,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from recranker_jax.report import compare_runs, format_table, write_report
+    from recranker_jax.report import compare_runs, format_table, verdict_lines, write_report
     from recranker_jax.run import RunFolder, read_json
 
     if args.runs:
@@ -290,6 +340,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     print(f"report written to {write_report(cfg.run_dir)}")
     print(format_table(read_json(RunFolder.of(cfg).metrics), args.split))
+    print("\n".join(f"[verdict] {line}" for line in verdict_lines(cfg.run_dir)))
     return 0
 
 
@@ -308,6 +359,8 @@ COMMANDS = {
     ("quickstart", None): cmd_pipeline,
     ("pipeline", None): cmd_pipeline,
     ("report", None): cmd_report,
+    ("config", "show"): cmd_config_show,
+    ("config", "keys"): cmd_config_keys,
 }
 
 
@@ -330,10 +383,8 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "pipeline" and args.config is None:
-        print("error: recranker pipeline needs --config FILE", file=sys.stderr)
-        return 2
-    action = getattr(args, "data_command", None) or getattr(args, "bench_command", None)
+    action = (getattr(args, "data_command", None) or getattr(args, "bench_command", None)
+              or getattr(args, "config_command", None))
     handler = COMMANDS.get((args.command, action), cmd_stage)  # the table's stages (parser choices)
     debug = os.environ.get("RECRANKER_DEBUG") == "1"
     try:

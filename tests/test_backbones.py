@@ -1,4 +1,4 @@
-"""A backbone added by registering one function (the README's example) runs the retrieval
+"""A backbone added by registering one function (the example of docs/extending.md) runs the retrieval
 stage as `retrieval.backbone`; its candidates are its own top k, computed here independently;
 a model whose validation and test scorers differ ranks each split with its own."""
 
@@ -17,7 +17,7 @@ FAST = ["retrieval.models=[recent_popularity, lightgcn]", "retrieval.epochs=1", 
         "retrieval.dim=8", "prompts.hints=false"]
 
 
-# --- the README's example, as a user would write it -------------------------------------------
+# --- the example of docs/extending.md, as a user would write it -------------------------------------------
 def recent_popularity(ctx: Context) -> Fitted:
     """Popularity by recency: each training like counts 0.5 ** (its age in years at the newest
     training interaction); the same scores for every user and both held-out items."""

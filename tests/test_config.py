@@ -122,3 +122,79 @@ def test_the_batch_must_split_over_the_mesh_batch_shards():
     with pytest.raises(RecRankerError, match=r"train.batch_size=12 must be a multiple of the 8 batch shards of the "
                                              r"mesh \(data=2, fsdp=4, tensor=1\)"):
         check_batch("train.batch_size", 12, rules, sizes)
+
+
+# ----------------------------------------------------------------------------- config show / keys, help pages
+
+
+def test_every_config_key_has_exactly_one_meaning():
+    from recranker_jax.config_keys import KEYS, config_fields
+
+    keys = [key for key, _, _ in config_fields()]
+    assert len(keys) == len(set(keys))
+    assert set(KEYS) == set(keys), set(KEYS) ^ set(keys)  # a new key needs its line; a removed one loses it
+    assert all(text and "\n" not in text for text in KEYS.values())
+
+
+def test_config_show_is_the_resolved_config_with_meanings_and_loads_back(tmp_path, capsys):
+    import yaml
+
+    from recranker_jax.config_keys import KEYS, leaf_keys
+
+    overrides = ["data.min_likes=7", "prompts.templates.pairwise_question={hint}Prefer {first} to {second}? #1",
+                 "mesh.rules.layers=[fsdp]"]
+    assert main(["config", "show", *overrides]) == 0
+    shown = capsys.readouterr().out
+    expected = load_config("quickstart", overrides)
+    assert yaml.safe_load(shown) == expected.to_dict()
+    (tmp_path / "shown.yaml").write_text(shown)
+    assert load_config(str(tmp_path / "shown.yaml")) == expected  # a config file as it is
+    for key in leaf_keys():
+        name = key.rsplit(".", 1)[-1]
+        assert any(line.strip().startswith(f"{name}: ") and line.endswith(f"  # {KEYS[key]}")
+                   for line in shown.splitlines()), key
+    assert main(["config", "show", "data.min_likes=zero"]) == 2  # checked like any other command
+    assert "data.min_likes" in capsys.readouterr().err
+
+
+def test_config_keys_lists_every_key_with_its_type_default_and_meaning(capsys):
+    from recranker_jax.config_keys import KEYS, leaf_keys
+
+    assert main(["config", "keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for key in leaf_keys():
+        matching = [line for line in lines if line.strip().startswith(f"{key} (")]
+        assert len(matching) == 1 and matching[0].endswith(f": {KEYS[key]}"), key
+    assert "  data.min_likes (int; default 4): " in "\n".join(lines)
+
+
+def _subparsers(parser, path=()):
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subparsers(sub, (*path, name))
+
+
+def test_every_help_page_has_a_description_line():
+    from recranker_jax.cli import build_parser
+
+    pages = dict(_subparsers(build_parser()))
+    assert {("data",), ("plan",), ("report",), ("quickstart",), ("pipeline",), ("config", "show")} <= set(pages)
+    missing = [" ".join(path) for path, parser in pages.items() if not parser.description]
+    assert not missing, missing
+    for path, parser in pages.items():
+        assert parser.description.strip() in " ".join(parser.format_help().split()) or path == ()
+
+
+def test_pipeline_shows_its_config_as_required(capsys):
+    from recranker_jax.cli import build_parser
+
+    parser = dict(_subparsers(build_parser()))[("pipeline",)]
+    usage = parser.format_usage()
+    assert " --config CONFIG" in usage and "[--config" not in usage
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pipeline", "run.name=x"])
+    assert exit_info.value.code == 2 and "--config" in capsys.readouterr().err

@@ -210,6 +210,15 @@ def test_tpu_pod_dry_run_installs_copies_ships_the_config_and_starts_on_every_wo
          "~/recranker/config.yaml train.batch_size=8 > ~/recranker-logs/worker-$(hostname).log 2>&1'")]
 
 
+@pytest.mark.parametrize("name", ["tpu_pod.sh", "gpu_slurm.sbatch", "local_multiprocess.sh", "accelerator_check.sh"])
+def test_every_launch_script_answers_help_with_its_usage(tmp_path, name):
+    done = script(name, "--help", cwd=tmp_path)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert f"launch/{name}" in done.stdout and "--dry-run" in done.stdout  # its usage, with the dry run
+    assert not any(line.startswith("#") for line in done.stdout.splitlines())  # comment marks and #SBATCH dropped
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
 @pytest.mark.parametrize("args, message", [
     (["--worker", "0"], "error: --worker=0: a multi-host TPU program must start on every worker at once"),
     (["--accelerator-type", "v5litepod-16", "mesh.shape=[32,1,1]"],

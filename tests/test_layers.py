@@ -8,8 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "recranker_jax"
 # Lowest first; modules in one entry may import each other.
 LAYERS = [
-    {"errors"}, {"model_files"}, {"config_checks"}, {"run"}, {"config"}, {"hardware", "metrics"}, {"parallel"},
-    {"data"}, {"retrieval"}, {"sampling", "prompts"}, {"llm"}, {"train"}, {"rank"}, {"report", "plan"},
+    {"errors"}, {"model_files"}, {"config_checks"}, {"run"}, {"config"}, {"config_keys"}, {"hardware", "metrics"}, {"parallel"},
+    {"data"}, {"retrieval"}, {"sampling", "prompts"}, {"llm"}, {"train"}, {"rank"}, {"report", "plan", "compile"},
     {"pipeline", "launch_check"}, {"bench"}, {"cli"},
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

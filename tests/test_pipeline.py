@@ -98,6 +98,7 @@ def test_quickstart_runs_every_stage_resumes_after_a_crash_then_reuses_them(tmp_
     out = capsys.readouterr().out
     assert "[data] cached" in out and "[retrieval] cached" in out and "[instructions] cached" in out
     assert "[finetune] cached" in out and "[rank] done" in out and "hybrid" in out
+    assert "[verdict] test: " in out and "the LightGCN order" in out  # the quickstart ends with its verdict
     assert (run / "finetune" / "_stage.json").read_text() == marker
     assert not list((run / "checkpoints").glob("*"))  # finished stages keep no training state by default
     report = (run / "report.md").read_text()

@@ -3,6 +3,7 @@ pandas alone) and recranker_jax.report (report.md, metrics.json, the plot, compa
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import math
@@ -17,7 +18,7 @@ from recranker_jax.cli import main
 from recranker_jax.errors import RecRankerError
 from recranker_jax.metrics import bootstrap_interval
 from recranker_jax.rank.evaluate import evaluate_orders, write_rankings_csv
-from recranker_jax.report import compare_runs, format_table, write_report
+from recranker_jax.report import compare_runs, format_table, plot_metrics, verdict_lines, write_report
 
 KS = (1, 3)
 N_BOOTSTRAP = 200
@@ -224,6 +225,14 @@ def table_rows(markdown: str, heading: str) -> list[list[str]]:
     return rows
 
 
+def table_lines(text: str) -> list[str]:
+    """The lines of the first markdown table in `text`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
 def cell(mean: float, interval: list[float]) -> str:
     return f"{mean:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
 
@@ -258,7 +267,8 @@ def test_write_report_contents(tmp_path):
     assert "## Split: valid" in text and text.index("## Split: test") < text.index("## Split: valid")
     assert ["examples", "321"] in table_rows(text, "## Instruction tuning")
     assert ["lightgcn", "0.0567", "0.0432"] in table_rows(text, "## Retrieval")
-    assert "```yaml\nrun:\n  name: demo\nrank:\n  alphas: [1.0, 1.0, 1.0]\n```" in text
+    assert "```yaml" not in text and "The run's config is [config.yaml](config.yaml)" in text  # linked, not pasted
+    assert "None" not in text
 
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     png = (run_dir / "plots" / "metrics.png").read_bytes()
@@ -292,12 +302,13 @@ def test_compare_runs_side_by_side(tmp_path):
     (second / "retrieval").mkdir(exist_ok=True)
     (second / "retrieval" / "metrics.json").write_text(json.dumps({"backbone": "sasrec", "candidates": 10}))
     text = compare_runs([first, second])
+    table = table_lines(text)
     rows = [[c.strip() for c in line.strip("|").split("|")][:1] + [c.strip() for c in line.strip("|").split("|")][2:]
-            for line in text.splitlines()[2:]]  # without the backbone column, checked here:
-    assert [line.split("|")[2].strip() for line in text.splitlines()[2:]] == ["lightgcn"] * 3 + ["sasrec"] * 3
+            for line in table[2:]]  # without the backbone column, checked here:
+    assert [line.split("|")[2].strip() for line in table[2:]] == ["lightgcn"] * 3 + ["sasrec"] * 3
     assert [(r[0], r[2]) for r in rows] == [(run, m) for run in ("full", "no_hints") for m in ("backbone", "pointwise", "hybrid")]
     assert {r[1] for r in rows} == {"retrieved"}  # metrics without a candidates key are the protocol's
-    assert text.splitlines()[0] == ("| run | backbone | candidates | method | hit users | HR@1 | NDCG@1 | HR@3 | NDCG@3 "
+    assert table[0] == ("| run | backbone | candidates | method | hit users | HR@1 | NDCG@1 | HR@3 | NDCG@3 "
                                     "| ΔNDCG@1 vs backbone (p) |")
     for run_dir, row in ((first, rows[2]), (second, rows[5])):
         hybrid = json.loads((run_dir / "ranking" / "metrics.json").read_text())["splits"]["test"]["methods"]["hybrid"]
@@ -314,15 +325,15 @@ def test_a_planted_run_is_titled_as_such_and_compared_beside_a_protocol_run(tmp_
     assert "## Split: test (planted evaluation)" in text and "Candidates: planted" in text
     assert "not the RecRanker protocol" in text and "Non-LLM controls" in text and "transition (" in text
     assert "puts the held-out item last for 3 of them" in text
-    assert [r[0] for r in table_rows(text, "## Split: test")] == ["backbone", "transition", "pointwise", "hybrid"]
-    assert "transition vs backbone" in [r[0] for r in table_rows(text, "### Paired sign-flip")]
+    assert [r[0] for r in table_rows(text, "## Split: test")] == ["backbone", "transition (control)", "pointwise", "hybrid"]
+    assert "transition (control) vs backbone" in [r[0] for r in table_rows(text, "### Paired sign-flip")]
     assert "(planted evaluation)" not in write_report(protocol).read_text()
     metrics = json.loads((planted / "metrics.json").read_text())
     assert "test: 5 users, planted candidates" in format_table(metrics)
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in compare_runs([protocol, planted]).splitlines()[2:]]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table_lines(compare_runs([protocol, planted]))[2:]]
     assert [(r[0], r[2], r[3]) for r in rows] == (
         [("protocol", "retrieved", m) for m in ("backbone", "pointwise", "hybrid")]
-        + [("planted", "planted", m) for m in ("backbone", "transition", "pointwise", "hybrid")])
+        + [("planted", "planted", m) for m in ("backbone", "transition (control)", "pointwise", "hybrid")])
 
 
 def test_a_sampled_run_with_tuned_weights_says_so(tmp_path):
@@ -362,6 +373,7 @@ def test_cli_report_of_the_configured_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert str(run_dir / "report.md") in out
     assert format_table(json.loads((run_dir / "metrics.json").read_text())) in out
+    assert "\n".join(f"[verdict] {line}" for line in verdict_lines(run_dir)) in out
     assert (run_dir / "plots" / "metrics.png").is_file()
 
 
@@ -372,3 +384,191 @@ def test_cli_report_missing_metrics(tmp_path, capsys):
     assert captured.out == ""
     assert captured.err.startswith("error: run folder") and "recranker rank" in captured.err
     assert len(captured.err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------- the verdict
+
+VERDICT = re.compile(r"(?P<method>\w+) NDCG@(?P<k>\d+) (?P<value>\d\.\d{4}) vs (?P<baseline>\d\.\d{4}) "
+                     r"\(Δ (?P<difference>[+-]\d\.\d{4}), paired p (?P<p>= \d\.\d{3}|< 0\.001)\)")
+
+
+def verdict_run(root: Path, name: str, llm_wins: bool) -> Path:
+    """Ten users, four candidates each (item indices 4u..4u+3, the backbone's order); eight have their
+    held-out item among them. llm_wins: the backbone ranks it third and the hybrid first for all eight;
+    otherwise the backbone ranks it first and the hybrid third. Pointwise keeps the backbone order;
+    the transition control swaps the first two."""
+    users, hits = 10, 8
+    candidates = np.arange(users * 4).reshape(users, 4)
+    at = 2 if llm_wins else 0
+    target = np.array([candidates[u, at] if u < hits else 999 for u in range(users)])
+    moved = candidates[:, [2, 0, 1, 3]] if llm_wins else candidates[:, [1, 2, 0, 3]]
+    orders = {"backbone": candidates, "transition": candidates[:, [1, 0, 2, 3]], "pointwise": candidates,
+              "hybrid": moved}
+    run_dir = root / name
+    (run_dir / "ranking").mkdir(parents=True)
+    (run_dir / "retrieval").mkdir()
+    splits = {}
+    for split in ("test", "valid"):
+        result = evaluate_orders(orders, target, (1, 3, 4), N_BOOTSTRAP, seed=0)
+        result.update(scored_users=hits, seconds_per_item=0.01, rates={})
+        splits[split] = result
+    (run_dir / "ranking" / "metrics.json").write_text(json.dumps(
+        {"mode": "scores", "candidates": "retrieved", "baselines": ["transition"], "splits": splits}))
+    (run_dir / "retrieval" / "metrics.json").write_text(json.dumps({"backbone": "lightgcn", "candidates": 4, "models": {}}))
+    return run_dir
+
+
+def check_verdict_against_tables(text: str, verdict: str, split: str) -> re.Match:
+    """Every method quoted with a baseline in the verdict has the numbers of the split's tables."""
+    quoted = list(VERDICT.finditer(verdict))
+    assert quoted, verdict
+    metrics_rows = {r[0]: r for r in table_rows(text, f"## Split: {split}")}
+    header = ["method"] + [f"{m}@{k}" for k in (1, 3, 4) for m in ("HR", "NDCG")]
+    paired_rows = {r[0]: r for r in table_rows(text[text.index(f"## Split: {split}"):], "### Paired sign-flip")}
+    for match in quoted:
+        column = header.index(f"NDCG@{match['k']}")
+        assert metrics_rows[match["method"]][column].split(" [")[0] == match["value"]
+        assert metrics_rows["backbone"][column].split(" [")[0] == match["baseline"]
+        paired = paired_rows[f"{match['method']} vs backbone"][1 + [1, 3, 4].index(int(match["k"]))]
+        assert paired == f"{match['difference']} (p {match['p']})"
+    return quoted[0]
+
+
+@pytest.mark.parametrize("llm_wins", [False, True])
+def test_the_verdict_comes_first_and_its_numbers_are_the_tables(tmp_path, llm_wins):
+    run_dir = verdict_run(tmp_path, "wins" if llm_wins else "loses", llm_wins)
+    text = write_report(run_dir).read_text()
+    assert text.index("## Verdict") < text.index("![") < text.index("## Split: test")
+    metrics = json.loads((run_dir / "ranking" / "metrics.json").read_text())
+    for split in ("test", "valid"):
+        verdict = next(line for line in text.splitlines() if line.startswith(f"- **{split}**: "))
+        match = check_verdict_against_tables(text, verdict, split)
+        hybrid = metrics["splits"][split]["methods"]["hybrid"]
+        assert match["method"] == "hybrid" and match["k"] == "1"
+        assert float(match["value"]) == pytest.approx(hybrid["metrics"]["ndcg@1"], abs=5e-5)
+        assert float(match["difference"]) == pytest.approx(hybrid["paired"]["ndcg@1"]["difference"], abs=5e-5)
+        assert hybrid["paired"]["ndcg@1"]["p_value"] < 0.05  # the fixture is decisive either way
+        if llm_wins:
+            assert "The LLM beat the LightGCN order: hybrid NDCG@1 0.8000 vs 0.0000" in verdict
+            assert "No LLM method" not in verdict
+        else:
+            assert "No LLM method beat the LightGCN order: hybrid NDCG@1 0.0000 vs 0.8000" in verdict
+            assert "significantly below it" in verdict
+        assert "Best non-LLM control: transition NDCG@1" in verdict
+        assert "Only 8 of 10 users had the held-out item among the candidates" in verdict
+    # the column no re-ranker of 4 candidates can change is named, the others are not
+    assert "Note: HR@4 is the same for every method by construction" in text
+    assert "HR@3 is the same" not in text and "NDCG@4 is the same" not in text
+    assert verdict_lines(run_dir)[0].startswith("test: " + ("The LLM beat" if llm_wins else "No LLM method beat"))
+
+
+def test_report_runs_gives_each_run_its_verdict_before_the_table(tmp_path, capsys):
+    loses, wins = verdict_run(tmp_path, "loses", False), verdict_run(tmp_path, "wins", True)
+    text = compare_runs([loses, wins])
+    lines = text.splitlines()
+    assert lines[0].startswith("- loses (test): No LLM method beat the LightGCN order: hybrid NDCG@1 0.0000 vs 0.8000")
+    assert lines[1].startswith("- wins (test): The LLM beat the LightGCN order: hybrid NDCG@1 0.8000 vs 0.0000")
+    assert lines[2] == "" and lines[3].startswith("| run |")
+    for run_dir, line in ((loses, lines[0]), (wins, lines[1])):
+        assert line.split(": ", 1)[1] == verdict_lines(run_dir)[0].split(": ", 1)[1]
+    assert main(["report", "--runs", str(loses), str(wins), "--split", "valid"]) == 0
+    assert "- wins (valid): The LLM beat" in capsys.readouterr().out
+
+
+def test_verdict_without_llm_methods_and_under_the_sampled_evaluation():
+    from recranker_jax.report import split_verdict
+
+    orders = {"backbone": CANDIDATES, "transition": HYBRID}
+    result = evaluate_orders(orders, TARGET, (1, 3), N_BOOTSTRAP, seed=0)
+    assert split_verdict(result).startswith("No LLM method was evaluated; the backbone order scores NDCG@1 0.4000.")
+    sampled = split_verdict(result, "sampled", "sasrec", sample_users=5)
+    assert "All 5 users (a seeded sample, rank.sample_users=5) count: the sampled evaluation" in sampled
+
+
+# ------------------------------------------------------------------------------- plot, HTML, provenance
+
+
+def test_the_plot_separates_llm_methods_from_controls_and_says_who_can_move(tmp_path):
+    from recranker_jax.report.plot import bar_styles, movable_users
+
+    run_dir = fake_run(tmp_path, "demo", planted=True)
+    result = json.loads((run_dir / "ranking" / "metrics.json").read_text())["splits"]["test"]
+    figure = plot_metrics(result, tmp_path / "plot.png", "demo", "retrieved")
+    styles = bar_styles(["backbone", "transition", "random", "pointwise", "hybrid"])
+    assert [styles[m]["kind"] for m in styles] == ["backbone", "control", "control", "llm", "llm"]
+    llm_colours = {styles[m]["color"] for m in ("pointwise", "hybrid")}
+    control_colours = {styles[m]["color"] for m in ("transition", "random")}
+    assert len(llm_colours) == 2 and not llm_colours & control_colours and styles["backbone"]["color"] not in llm_colours
+    assert all(styles[m]["hatch"] for m in ("transition", "random")) and not styles["hybrid"]["hatch"]
+    assert movable_users(result) == ("4 of 5 users can move: only they have the held-out item among the candidates, "
+                                     "every other user is a miss for every method")
+    assert movable_users(result, "sampled").startswith("all 5 users can move")
+    assert figure._suptitle.get_text() == "demo\n" + movable_users(result)
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert labels == ["backbone order", "transition (non-LLM control)", "pointwise (LLM)", "hybrid (LLM)"]
+
+
+def test_report_html_embeds_the_plot(tmp_path):
+    pytest.importorskip("markdown_it")
+    run_dir = fake_run(tmp_path, "demo")
+    write_report(run_dir)
+    html = (run_dir / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "<table>" in html and "<h2>Verdict</h2>" in html
+    png = (run_dir / "plots" / "metrics.png").read_bytes()
+    assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in html
+
+
+def test_missing_values_are_dashes_with_their_reason(tmp_path):
+    run_dir = fake_run(tmp_path, "demo")
+    (run_dir / "finetune" / "summary.json").write_text(json.dumps({"steps": 7, "median_mfu": None, "other": None}))
+    text = write_report(run_dir).read_text()
+    rows = dict(map(tuple, table_rows(text, "## Instruction tuning")))
+    assert rows["median_mfu"].startswith("– (MFU needs the device's peak FLOP/s")
+    assert rows["other"] == "– (not recorded)"
+    assert "None" not in text
+
+
+def staged(run_dir: Path, config: dict) -> None:
+    """_stage.json markers for the report's stages, as the pipeline writes them."""
+    from recranker_jax.run import write_marker
+
+    for folder in ("retrieval", "finetune", "ranking"):
+        write_marker(run_dir / folder, f"key-{folder}", 1.5, "0.1.0", config, {})
+
+
+def test_the_report_verifies_the_files_it_reads_and_shows_where_stage_configs_disagree(tmp_path):
+    run_dir = fake_run(tmp_path, "demo")
+    config = {"run": {"name": "demo", "seed": 0}, "rank": {"candidates": "retrieved", "alphas": [1.0, 1.0, 1.0]}}
+    staged(run_dir, config)
+    (run_dir / "config.yaml").write_text("run:\n  name: demo\n  seed: 0\nrank:\n  candidates: retrieved\n"
+                                         "  alphas: [1.0, 1.0, 1.0]\n")
+    text = write_report(run_dir).read_text()
+    assert "**Warning:**" not in text and "Every stage recorded the same config" in text
+    assert dict(map(tuple, table_rows(text, "Files this report read"))) == {
+        "retrieval/metrics.json": "verified", "finetune/summary.json": "verified", "ranking/metrics.json": "verified"}
+    assert [r[0] for r in table_rows(text, "## How this run was built")] == ["retrieval", "finetune", "rank"]
+
+    # the rank stage rebuilt with other candidates; then its metrics edited by hand
+    from recranker_jax.run import write_marker
+
+    write_marker(run_dir / "ranking", "key-2", 1.0, "0.1.0",
+                 {**config, "rank": {"candidates": "sampled", "alphas": [1.0, 1.0, 1.0]}}, {})
+    metrics = json.loads((run_dir / "ranking" / "metrics.json").read_text())
+    metrics["splits"]["test"]["methods"]["hybrid"]["metrics"]["ndcg@1"] = 0.99
+    (run_dir / "ranking" / "metrics.json").write_text(json.dumps(metrics))
+    text = write_report(run_dir).read_text()
+    assert ("**Warning:** ranking/metrics.json changed after the stage finished: the numbers below are not the ones "
+            "its stage wrote.") in text
+    assert text.index("**Warning:**") < text.index("## Split: test")
+    assert "Note: the stages' recorded configs differ in 1 key(s): rank.candidates" in text
+    rows = table_rows(text, "Where the recorded configs disagree")
+    assert rows == [["rank.candidates", "`retrieved`", "`retrieved`", "`sampled`", "`retrieved`"]]
+    files = dict(map(tuple, table_rows(text, "Files this report read")))
+    assert files["ranking/metrics.json"] == "changed after the stage finished"
+    assert files["retrieval/metrics.json"] == "verified"
+
+
+def test_a_run_without_markers_says_nothing_was_verified(tmp_path):
+    text = write_report(fake_run(tmp_path, "demo")).read_text()
+    assert "No stage folder has a `_stage.json`: nothing here can be verified." in text
+    assert "not verified (no _stage.json manifest in ranking/)" in text

@@ -11,10 +11,25 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+import logging
 
-from recranker_jax.errors import RecRankerError
+import numpy as np
+
+
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' "PyTorch was not found" notice, printed on import when torch is
+    absent: this project uses transformers for tokenizers and configs only, never its models.
+    Every other message of the library still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+logging.getLogger("transformers").addFilter(_NoTorchNotice())  # before the import below logs it
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast  # noqa: E402
+
+from recranker_jax.errors import RecRankerError  # noqa: E402
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
