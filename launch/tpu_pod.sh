@@ -4,6 +4,7 @@
 #   launch/tpu_pod.sh --name TPU --zone ZONE [--project P] [--workers H]
 #                     (--devices N | --accelerator-type TYPE) [--install-from PATH | --wheel FILE]
 #                     [--copy SRC:DST ...] [--resume] [--dry-run | --rehearse [--rehearse-dir DIR]]
+#                     [--skip-compile-check | --compile-arch ARCH]
 #                     -- recranker pipeline --config FILE key=value ...
 #
 # 1. Checks here, before anything starts (python -m recranker_jax.launch_check, with $PYTHON,
@@ -13,7 +14,13 @@
 #    - with more than one host, run.root is absolute (a folder every worker mounts);
 #    - every relative path of the config (data.path, model.checkpoint, prompts.tokenizer) is a
 #      --copy destination or inside one;
-#    - every --copy source exists (unless --resume, which copies nothing).
+#    - every --copy source exists (unless --resume, which copies nothing);
+#    - with --accelerator-type, for a command that trains (pipeline, quickstart, pretrain,
+#      finetune): the finetune step compiled for that slice by the TPU compiler (`recranker
+#      compile`; needs the tpu extra here, no TPU). A step that does not fit the chips is refused
+#      with the compiler's figure. The model's shape comes from model.checkpoint's config.json
+#      here (read at the --copy source that provides it) or --compile-arch llama2-7b|llama2-13b;
+#      --skip-compile-check skips this check. Not in --rehearse (CPU devices stand in for chips).
 # 2. Installs the TPU build of JAX and the project on every worker (--install-from PATH: a source
 #    folder, default this repository, copied without runs/ and .git; or --wheel FILE).
 # 3. Copies each --copy SRC:DST to every worker, replacing DST there. A relative DST lands in
@@ -66,11 +73,11 @@ hosts_for() {
 }
 
 name="" zone="" project="" workers="" devices="" accelerator="" install_from="" wheel="" resume=0 dry_run=0
-rehearse=0 rehearse_dir=""
+rehearse=0 rehearse_dir="" skip_compile=0 compile_arch=""
 copies=()
 while (($#)); do
   case "$1" in
-    --name|--zone|--project|--worker|--workers|--devices|--accelerator-type|--install-from|--wheel|--copy|--rehearse-dir)
+    --name|--zone|--project|--worker|--workers|--devices|--accelerator-type|--install-from|--wheel|--copy|--rehearse-dir|--compile-arch)
       (($# >= 2)) || fail "$1 needs a value"
       case "$1" in
         --name) name="$2" ;; --zone) zone="$2" ;; --project) project="$2" ;;
@@ -78,12 +85,13 @@ while (($#)); do
 (each worker's process joins jax.distributed and holds part of the mesh; started alone it waits for the others), so only --worker=all is supported" ;;
         --workers) workers="$2" ;; --devices) devices="$2" ;; --accelerator-type) accelerator="$2" ;;
         --install-from) install_from="$2" ;; --wheel) wheel="$2" ;; --copy) copies+=("$2") ;;
-        --rehearse-dir) rehearse_dir="$2" ;;
+        --rehearse-dir) rehearse_dir="$2" ;; --compile-arch) compile_arch="$2" ;;
       esac
       shift 2 ;;
     --resume) resume=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     --rehearse) rehearse=1; shift ;;
+    --skip-compile-check) skip_compile=1; shift ;;
     -h|--help) usage_text "${BASH_SOURCE[0]}"; exit 0 ;;
     --) shift; break ;;
     *) fail "unknown option $1 (put the recranker command after --; --help shows the usage)" ;;
@@ -137,6 +145,14 @@ require_project "$python"
 check=("$python" -m recranker_jax.launch_check --devices "$devices")
 [[ -n "$config" ]] && check+=(--config "$config")
 ((recranker)) && check+=(--hosts "$workers" --workdir-copy "" ${workdir_copies[@]+"${workdir_copies[@]}"})
+case "$subcommand" in  # the commands that train: their step compiled for the slice first
+  pipeline|quickstart|pretrain|finetune)
+    if ((recranker && !skip_compile && !rehearse)) && [[ -n "$accelerator" ]]; then
+      check+=(--compile-for "$accelerator")
+      for copy in ${copies[@]+"${copies[@]}"}; do check+=(--copy "$copy"); done
+      [[ -z "$compile_arch" ]] || check+=(--arch "$compile_arch")
+    fi ;;
+esac
 "${check[@]}" ${overrides[@]+"${overrides[@]}"} >&2 || exit 2  # its error line is already on stderr
 if [[ -n "$config" ]] && ((recranker)); then  # the file the check read (a bundled name resolved) is the one shipped
   config_file=$("$python" -c 'import sys; from recranker_jax.config import resolve_config_path as r; print(r(sys.argv[1]).resolve())' "$config")

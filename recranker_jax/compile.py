@@ -98,8 +98,9 @@ def slice_devices(tpu: Slice, slices: int = 1) -> list:
     from jax.experimental import topologies
 
     options: dict[str, Any] = {"num_slices": slices} if slices > 1 else {}
-    if tpu.chips == 1:
-        options["chips_per_host_bounds"] = [1, 1, 1]  # the default host (2x2x1) does not divide one chip
+    if tpu.generation in ("v5e", "v6e") and tpu.chips <= 8:
+        # one host, as Cloud TPU's v5litepod-8 / v6e-8 VMs are (the default host is 2x2x1 chips)
+        options["chips_per_host_bounds"] = [int(n) for n in tpu.topology.split(":")[1].split("x")] + [1]
     if tpu.generation == "v4":
         options["chip_config_name"] = "megacore"  # one device per chip, as JAX meshes need
     try:

@@ -1,9 +1,9 @@
 """Pre-flight check the launch scripts run before starting a multi-host job: does the
-config's mesh fit the machines about to be rented or started, and will every host find the
-config's paths and share its run folder?
+config's mesh fit the machines about to be rented or started, will every host find the
+config's paths and share its run folder, and does the finetune step fit the TPU slice?
 
     python -m recranker_jax.launch_check --config FILE --devices N [--hosts H]
-        [--workdir-copy DST ...] [key=value ...]
+        [--workdir-copy DST ...] [--compile-for TYPE [--copy SRC:DST ...] [--arch ARCH]] [key=value ...]
 
 prints `ok: mesh (a, b, c) over (data, fsdp, tensor) on N devices` (exit 0) or the
 problem as one `error: ...` line (exit 2). Nothing here touches a device.
@@ -13,6 +13,11 @@ problem as one `error: ...` line (exit 2). Nothing here touches a device.
   `--workdir-copy ''`): the workers start the command in a working folder where the relative
   --copy destinations land and nothing else; each relative path of the config must be one of
   them or inside one. Absolute and ~ paths are the workers' own and are not checked.
+- `--compile-for TYPE` (launch/tpu_pod.sh with --accelerator-type, for commands that train):
+  the finetune step compiled for that slice by the TPU compiler (`recranker compile`; the tpu
+  extra here); a step that does not fit is refused with the compiler's figure. The model's
+  shape comes from model.checkpoint's config.json here: a --copy SRC:DST whose DST holds
+  model.checkpoint is read at SRC; `--arch` names a bundled architecture instead.
 """
 
 from __future__ import annotations
@@ -71,6 +76,46 @@ def check_hosts(config_path: str | None, overrides: Sequence[str], hosts: int,
                 f"LOCAL:{value} or give an absolute path on the workers")
 
 
+def local_checkpoint(checkpoint: str | None, copies: Sequence[str]) -> str | None:
+    """Where model.checkpoint is on this machine when a --copy SRC:DST puts it on the workers."""
+    if not checkpoint:
+        return None
+    path = PurePosixPath(checkpoint)
+    for copy in copies:
+        source, _, destination = copy.partition(":")
+        destination = PurePosixPath(destination.removeprefix("~/"))
+        if path == destination or destination in path.parents:
+            return str(PurePosixPath(source) / path.relative_to(destination))
+    return None
+
+
+def check_compiles(config_path: str | None, overrides: Sequence[str], accelerator: str, copies: Sequence[str] = (),
+                   arch: str | None = None) -> str:
+    """The ok line when the finetune step fits `accelerator` by the TPU compiler; a RecRankerError
+    with the compiler's figure otherwise."""
+    from recranker_jax.compile import compile_finetune
+
+    cfg = load_config(config_path, list(overrides))
+    local = None if arch else local_checkpoint(cfg.model.checkpoint, copies)
+    if local is not None:
+        cfg = load_config(config_path, [*overrides, f"model.checkpoint={local}"])
+    try:
+        doc = compile_finetune(cfg, accelerator, arch=arch)
+    except RecRankerError as err:
+        raise RecRankerError(f"{err} (the pre-flight compile for {accelerator}; --compile-arch ARCH names the "
+                             "model's architecture, --skip-compile-check skips it)") from None
+    gb = 2**30
+    if not doc["fits"]:
+        needed = doc["needed_bytes"] or 0
+        raise RecRankerError(
+            f"the finetune step does not fit {accelerator}: the TPU compiler needs {needed / gb:.2f} GB a chip of "
+            f"{doc['hbm_bytes_per_chip'] / gb:.2f} GB (train.remat={doc['remat']}); change {doc['advice']}, or "
+            "launch with --skip-compile-check")
+    return (f"ok: the finetune step fits {accelerator}: {doc['memory']['total'] / gb:.2f} GB a chip of "
+            f"{doc['hbm_bytes_per_chip'] / gb:.2f} GB (train.remat={doc['remat']}; compiled in "
+            f"{doc['compile_seconds']:.0f} s)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recranker_jax.launch_check", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config file or bundled config name; default: built-in defaults")
@@ -78,11 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hosts", type=int, default=1, help="hosts (processes joined over the network) of the job")
     parser.add_argument("--workdir-copy", action="append", metavar="DST",
                         help="a relative --copy destination in the workers' working folder (repeat; '' for none)")
+    parser.add_argument("--compile-for", metavar="TYPE", help="also compile the finetune step for this TPU slice")
+    parser.add_argument("--copy", action="append", default=[], metavar="SRC:DST", help="a launcher --copy (repeat)")
+    parser.add_argument("--arch", help="bundled architecture for the compile (llama2-7b, llama2-13b)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
         check_hosts(args.config, args.overrides, args.hosts, args.workdir_copy)
         print(check_mesh_fits(args.config, args.overrides, args.devices))
+        if args.compile_for:
+            print(check_compiles(args.config, args.overrides, args.compile_for, args.copy, args.arch))
     except RecRankerError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.exit_code

@@ -23,40 +23,29 @@ MESHES = ([1, 8, 1], [2, 2, 2])
 
 # The finetune step (`train.step._update`, donating, as on accelerators) of a small LoRA model in
 # bfloat16 (2 layers, hidden 256, 4 heads of 64, batch 8 x 256 tokens, remat dots), its abstract
-# inputs (`bench.compile.abstract_step_inputs`) placed by the config's rules, lowered in the
-# mesh's sharding context and compiled by the TPU compiler.
+# inputs placed by the config's rules (`train.aot.abstract_step_inputs`), lowered in the mesh's
+# sharding context and compiled by the TPU compiler.
 SCRIPT = r"""
 import json, sys, time
 import jax
-from flax import nnx
-from jax.experimental import topologies
 from recranker_jax import parallel
-from recranker_jax.bench.compile import abstract_step_inputs
-from recranker_jax.bench.train import PRESETS
+from recranker_jax.compile import parse_accelerator, slice_devices
 from recranker_jax.config import MeshConfig
 from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.attention import causal_attention, select_implementation
-from recranker_jax.llm.llama import weight_axes
-from recranker_jax.train.step import _update
+from recranker_jax.llm.llama import LlamaConfig
+from recranker_jax.train.aot import StepShape, abstract_step_inputs
+from recranker_jax.train.step import jitted_train_step
 
-devices = topologies.get_topology_desc(topology_name="v5e:2x4", platform="tpu").devices
+devices = slice_devices(parse_accelerator("v5litepod-8"))
 rules = MeshConfig().rules
-problem = {**PRESETS["7b-lora"], "vocab_size": 512, "hidden_size": 256, "intermediate_size": 688,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "seq_len": 256,
-           "max_position_embeddings": 256, "batch_size": 8, "remat": "dots", "attention": "splash"}
+llama = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+shape = StepShape(llama=llama, batch_size=8, seq_len=256, remat="dots", attention="splash", lora=(("q", "v"), 8, 16.0))
 result = {"backend": jax.default_backend(), "meshes": {}}
-for shape in json.loads(sys.argv[1]):
-    mesh = parallel.make_mesh(MeshConfig(shape=shape), devices)
-    model, optimizer, batch = abstract_step_inputs(problem, scan_layers=True)
-    for tree in (model, optimizer):
-        flat = nnx.to_flat_state(nnx.state(tree))
-        for path, variable in flat:
-            value = variable.get_value()
-            variable.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=parallel.array_sharding(
-                mesh, value.shape, weight_axes(path, value.ndim), rules)))
-        nnx.update(tree, nnx.from_flat_state(flat))
-    batch = {name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=parallel.array_sharding(
-        mesh, value.shape, ("batch", None), rules)) for name, value in batch.items()}
+for mesh_shape in json.loads(sys.argv[1]):
+    mesh = parallel.make_mesh(MeshConfig(shape=mesh_shape), devices)
+    model, optimizer, batch = abstract_step_inputs(shape, mesh, rules)
     with parallel.sharding_context(mesh, rules):
         entry = {"platform": parallel.mesh_platform(), "auto": select_implementation("auto", parallel.mesh_platform(), True)}
         try:
@@ -65,11 +54,11 @@ for shape in json.loads(sys.argv[1]):
         except RecRankerError as error:
             entry["pallas_gpu"] = str(error)
         started = time.perf_counter()
-        compiled = nnx.jit(_update, donate_argnums=(0, 1)).lower(model, optimizer, batch).compile()
+        compiled = jitted_train_step("tpu").lower(model, optimizer, batch).compile()
         entry["compile_seconds"] = time.perf_counter() - started
     entry["tpu_custom_calls"] = compiled.as_text().count("tpu_custom_call")
     entry["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
-    result["meshes"][str(shape)] = entry
+    result["meshes"][str(mesh_shape)] = entry
 print(json.dumps(result))
 """
 

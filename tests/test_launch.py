@@ -3,6 +3,7 @@ environment selects single- or multi-process runs (parsed, never initialised her
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -180,7 +181,8 @@ def test_tpu_pod_dry_run_installs_copies_ships_the_config_and_starts_on_every_wo
     (tmp_path / "llama").mkdir()
     done = script("tpu_pod.sh", "--name", "pod", "--zone", "us-central2-b", "--project", "proj",
                   "--accelerator-type", "v4-32", "--install-from", str(source), "--copy", "data/ml-1m:/mnt/data/ml-1m",
-                  "--copy", "llama:checkpoints/llama", "--dry-run", "--", "recranker", "pipeline", "--config", "quickstart",
+                  "--copy", "llama:checkpoints/llama", "--skip-compile-check", "--dry-run", "--", "recranker", "pipeline",
+                  "--config", "quickstart",
                   "run.root=/mnt/shared/runs", "train.batch_size=16", "model.checkpoint=checkpoints/llama/7b",
                   "prompts.tokenizer=checkpoints/llama/7b", cwd=tmp_path, TMPDIR="/tmp")
     assert done.returncode == 0, done.stderr
@@ -208,6 +210,32 @@ def test_tpu_pod_dry_run_installs_copies_ships_the_config_and_starts_on_every_wo
         ("gcloud compute tpus tpu-vm ssh pod --zone=z --worker=all --command 'mkdir -p ~/recranker ~/recranker-logs && "
          "cd ~/recranker && RECRANKER_DISTRIBUTED=auto python3 -m recranker_jax.cli finetune --config "
          "~/recranker/config.yaml train.batch_size=8 > ~/recranker-logs/worker-$(hostname).log 2>&1'")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='libtpu is not installed (pip install -e ".[tpu]")')
+def test_tpu_pod_compiles_the_finetune_step_for_the_slice_before_any_gcloud_call(tmp_path):
+    launch = ("tpu_pod.sh", "--name", "pod", "--zone", "z", "--wheel", "r.whl", "--dry-run")
+    fits = script(*launch, "--accelerator-type", "v5litepod-8", "--", "recranker", "finetune", "mesh.shape=[1,8,1]",
+                  "train.batch_size=8", cwd=tmp_path)
+    assert fits.returncode == 0, fits.stderr
+    mesh_line, compile_line = fits.stderr.splitlines()
+    assert compile_line.startswith("ok: the finetune step fits v5litepod-8: ") and "GB a chip of 16.00 GB" in compile_line
+    assert fits.stdout.count("gcloud compute tpus tpu-vm") == 4  # then the launch, as without the check
+    # LLaMA-2 7B on one v5e chip: refused with the compiler's figure, nothing started
+    refused = script(*launch, "--accelerator-type", "v5litepod-1", "--compile-arch", "llama2-7b", "--", "recranker",
+                     "finetune", "--config", str(REPO / "configs/llama2-7b-lora.yaml"), "mesh.shape=[1,1,1]",
+                     "train.batch_size=1", "train.remat=dots", "model.checkpoint=null", "prompts.tokenizer=null",
+                     "data.path=/data/ml-100k", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stdout == ""
+    error = refused.stderr.splitlines()[-1]
+    assert error.startswith("error: the finetune step does not fit v5litepod-1: the TPU compiler needs ")
+    assert "GB a chip of 16.00 GB (train.remat=dots); change train.remat=minimal" in error
+    assert error.endswith("or launch with --skip-compile-check")
+    skipped = script(*launch, "--accelerator-type", "v5litepod-1", "--skip-compile-check", "--", "recranker",
+                     "finetune", "--config", str(REPO / "configs/llama2-7b-lora.yaml"), "mesh.shape=[1,1,1]",
+                     "train.batch_size=1", "data.path=/data/ml-100k", "model.checkpoint=/models/7b",
+                     "prompts.tokenizer=/models/7b", cwd=tmp_path)
+    assert skipped.returncode == 0 and skipped.stderr.splitlines() == ["ok: mesh (1, 1, 1) over (data, fsdp, tensor) on 1 devices"]
 
 
 @pytest.mark.parametrize("name", ["tpu_pod.sh", "gpu_slurm.sbatch", "local_multiprocess.sh", "accelerator_check.sh"])
