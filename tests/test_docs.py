@@ -37,7 +37,7 @@ REPO_ROOTS = ("configs/", "launch/", "recranker_jax/", "tests/", "docs/", "exper
 REPO_FILES = ("README.md", "pyproject.toml")
 FILE_SUFFIXES = (".py", ".md", ".yaml", ".yml", ".json", ".jsonl", ".sh", ".csv", ".npz", ".png", ".html",
                  ".safetensors", ".gguf", ".zip", ".dat", ".txt", ".log")
-CI_TEST_COMMAND = 'pip install -e ".[test,tfds]" && python -m pytest'
+CI_TEST_COMMAND = 'pip install -e ".[test,tfds,tpu]" && python -m pytest'
 QUICKSTART_COMMAND = "pip install . && recranker quickstart"
 
 
