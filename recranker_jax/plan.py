@@ -20,20 +20,22 @@ Per device, for T trainable weights (all `nnx.Param`s, or only the adapters with
   shards, item size a of `model.dtype`, heads / kv_heads / mlp / vocab split over their shards:
   one block saves 4 b s d a (block input, two norm outputs, mid residual)
   + 3 b s H hd a (q before and after rotary, attention output) + 3 b s KV hd a (k before and
-  after rotary, v) + b H s^2 (8 + a) (float32 masked scores and softmax, weights cast to a)
+  after rotary, v) + the attention's own: with a flash kernel (`model.attention` auto on an
+  accelerator, splash, pallas_gpu, cudnn, tiled) its float32 log-sum-exp, b H s 4; with
+  "xla", b H s^2 (8 + a) (float32 masked scores and softmax, weights cast to a)
   + 5 b s I a (gate, up, sigmoid(gate), silu(gate), their product)
   + b s r a per adapted projection; the head saves b s d a + b s V (a + 12) (logits, float32
-  logits, log-probabilities and their gradient); the backward pass of one block adds
-  b H s^2 8 (float32 gradients of the probabilities and the scores).
+  logits, log-probabilities and their gradient); with "xla" the backward pass of one block
+  adds b H s^2 8 (float32 gradients of the probabilities and the scores).
   train.remat (`llm.remat`) none: L blocks + head + backward; otherwise L times what the policy
   keeps of a block + one block recomputed + head + backward, where full keeps the block input
   (b s d a), minimal adds q and k after rotary, v and the attention output, dots adds the
-  seven projections' outputs (q, k, v, o, gate, up, down). auto is planned as on an
-  accelerator (dots).
-  Checked against the temp bytes of XLA's compiled memory analysis of the loss gradient on
-  the CPU (no remat; 4-8 layers, 8-16 heads, s 256-512, float32 and bfloat16): from 8% under
-  to 11% over. Accelerator compilers fuse and schedule differently; treat a plan within 10%
-  of the device memory as not fitting.
+  seven projections' outputs (q, k, v, o, gate, up, down). auto is planned as the finetune
+  runs it on an accelerator: the first of none, dots, minimal, full that fits with 10% to spare
+  (the finetune asks the compiler; `recranker compile`).
+  Checked against the TPU compiler's per-chip total (`recranker compile`; 7B and 13B LoRA at
+  2048 tokens a chip on v5e-8, v4-8 and v5p-8, every policy; docs/scale-out.md): from 7% under
+  to 9% over. Treat a plan within 10% of the device memory as not fitting.
 
 Device memory, in GB of 1e9 bytes: --device-memory, else the HBM of --device-kind, else of
 the local accelerator when it is a known chip (recranker_jax.hardware), else 16 GB (a TPU v5e chip,
@@ -157,9 +159,12 @@ def elements_per_device(shape: Sequence[int], logical_axes: Sequence[str | None]
     return elements
 
 
-def _activation_bytes(llama_config, lora, batch_size: int, seq_len: int, act_bytes: int, rules, mesh_shape) -> dict[str, int]:
+def _activation_bytes(llama_config, lora, batch_size: int, seq_len: int, act_bytes: int, rules, mesh_shape,
+                      fused_attention: bool = True) -> dict[str, int]:
     """Saved activations per device, one block and the head (see the module docstring); the
-    global batch is split over the batch shards by the rules, like every other dimension."""
+    global batch is split over the batch shards by the rules, like every other dimension.
+    `fused_attention` (a flash kernel: splash, pallas_gpu, cudnn, tiled): no [T, T] scores, the
+    attention keeps its float32 log-sum-exp per query and head instead."""
     c = llama_config
     d, hd, heads, kv, inter, vocab = (c.hidden_size, c.head_size, c.num_attention_heads, c.num_key_value_heads,
                                       c.intermediate_size, c.vocab_size)
@@ -173,14 +178,18 @@ def _activation_bytes(llama_config, lora, batch_size: int, seq_len: int, act_byt
     block = 4 * residual  # block input, two norm outputs, mid residual
     block += per_device((b, s, heads * hd), ("batch", None, "heads"), a) * 3  # q before / after rotary, attention out
     block += per_device((b, s, kv * hd), ("batch", None, "kv_heads"), a) * 3  # k before / after rotary, v
-    block += scores * (8 + a)  # float32 masked scores and softmax, the weights cast to the compute dtype
+    if fused_attention:
+        block += per_device((b, heads, s), ("batch", "heads", None), 4)  # float32 log-sum-exp
+    else:
+        block += scores * (8 + a)  # float32 masked scores and softmax, the weights cast to the compute dtype
     block += per_device((b, s, inter), ("batch", None, "mlp"), a) * 5  # gate, up, sigmoid, silu, product
     if lora is not None:
         from recranker_jax.config_checks import normalise_targets
 
         block += per_device((b, s, lora.rank), ("batch", None, None), a) * len(normalise_targets(lora.targets))
     head = residual + per_device((b, s, vocab), ("batch", None, "vocab"), a + 12)
-    transient = scores * 8  # one block's backward: float32 gradients of the probabilities and the scores
+    # one block's backward: float32 gradients of the probabilities and the scores (a flash kernel's are per tile)
+    transient = 0 if fused_attention else scores * 8
     queries = per_device((b, s, heads * hd), ("batch", None, "heads"), a)
     keys = per_device((b, s, kv * hd), ("batch", None, "kv_heads"), a)
     kept = {  # what each remat policy keeps of a block for the backward pass
@@ -195,7 +204,7 @@ def _activation_bytes(llama_config, lora, batch_size: int, seq_len: int, act_byt
 def plan_memory(
     cfg: Config, n_devices: int, mesh_shape: Sequence[int] | None = None, arch: str | None = None,
     device_memory_gb: float | None = None, device_kind: str | None = None, param_dtype: str | None = None,
-    compute_dtype: str | None = None, remat: str | None = None,
+    compute_dtype: str | None = None, remat: str | None = None, attention: str | None = None,
 ) -> dict[str, Any]:
     """The memory plan of `cfg`'s finetune stage on `n_devices` (a plain, JSON-ready dict).
 
@@ -218,7 +227,8 @@ def plan_memory(
     compute_dtype = _dtype_name(compute_dtype or getattr(cfg.model, "dtype", "float32"), "model.dtype")
     from recranker_jax.llm.remat import resolve
 
-    remat = resolve(cfg.train.remat if remat is None else remat, platform="accelerator")
+    requested = cfg.train.remat if remat is None else remat
+    resolve(requested)  # a known policy
     t = cfg.train
     lora = t.lora if t.lora.enabled else None
     llama, source = resolve_architecture(cfg, arch)
@@ -235,7 +245,9 @@ def plan_memory(
     trainable_per_device = per_device["adapter"] if lora else per_device["base"]
     trainable = counts["adapter"] if lora else counts["base"]
 
-    act = _activation_bytes(llama, lora, t.batch_size, t.seq_len, DTYPE_BYTES[compute_dtype], rules, sizes)
+    attention = cfg.model.attention if attention is None else attention
+    fused = attention not in ("xla",)  # auto: the platform's flash kernel (splash, pallas_gpu) on accelerators
+    act = _activation_bytes(llama, lora, t.batch_size, t.seq_len, DTYPE_BYTES[compute_dtype], rules, sizes, fused)
     layers = llama.num_hidden_layers
     activations = {policy: layers * kept + (act["block"] if policy != "none" else 0) + act["head"] + act["transient"]
                    for policy, kept in act["kept"].items()}
@@ -254,6 +266,12 @@ def plan_memory(
     if device_memory_gb <= 0:
         raise RecRankerError(f"--device-memory {device_memory_gb}: expected a positive number of GB")
     capacity = device_memory_gb * GB
+    if requested == "auto":
+        from recranker_jax.train.remat_choice import FASTEST_FIRST
+
+        remat = next((p for p in FASTEST_FIRST if fixed + activations[p] <= 0.9 * capacity), "full")
+    else:
+        remat = requested
     total = fixed + activations[remat]
     total_off, total_on = fixed + activations["none"], fixed + activations["full"]
     return {
@@ -264,6 +282,7 @@ def plan_memory(
         "tuning": f"LoRA {','.join(lora.targets)} rank {lora.rank}" if lora else "full",
         "devices": n_devices, "mesh": sizes, "batch_size": t.batch_size, "rows_per_batch_shard": rows,
         "seq_len": t.seq_len, "param_dtype": param_dtype, "compute_dtype": compute_dtype, "remat": remat,
+        "remat_requested": requested, "attention": attention,
         "bytes_per_device": {**state, "activations": activations[remat], "total": total,
                              "activations_remat_off": activations["none"], "activations_remat_on": activations["full"],
                              "total_remat_off": total_off, "total_remat_on": total_on},
@@ -319,7 +338,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines.append(f"{'device memory':<34}{plan['device_memory_gb']:>9.2f}  ({plan['device_memory_source']})")
     used = b["total"] / (plan["device_memory_gb"] * GB)
     verdict = "does NOT fit" if not plan["fits"] else "fits, with little headroom" if used > 0.9 else "fits"
-    lines.append(f"with train.remat={plan['remat']}: {verdict} ({used:.0%} of device memory)")
+    setting = plan["remat"] if plan["remat_requested"] != "auto" else f"auto ({plan['remat']} here)"
+    lines.append(f"with train.remat={setting}: {verdict} ({used:.0%} of device memory)")
     if plan["remat"] != "full" and (not plan["fits"] or used > 0.9) and plan["fits_remat_on"]:
         lines.append(f"with train.remat=full: fits ({b['total_remat_on'] / (plan['device_memory_gb'] * GB):.0%})")
     return "\n".join(lines)

@@ -96,19 +96,20 @@ def test_bfloat16_parameters_and_accumulator():
     assert b["gradients"] == 4 * total and b["accumulator"] == 4 * total
 
 
-def hand_activations(a):
+def hand_activations(a, fused=False):
     """The tiny model on (2, 2, 2), item size a: batch 8 over data*fsdp = 4 -> 2 rows of s = 8;
-    tensor 2 splits heads (16 -> 8 wide, 4 -> 2 heads), kv (8 -> 4), mlp (40 -> 20), vocab (64 -> 32)."""
+    tensor 2 splits heads (16 -> 8 wide, 4 -> 2 heads), kv (8 -> 4), mlp (40 -> 20), vocab (64 -> 32).
+    `fused`: a flash kernel keeps a float32 log-sum-exp per row, head and query, no scores."""
     rows, s = 2, 8
     residual = rows * s * 16 * a
     scores = rows * 2 * s * s
     block = (4 * residual
              + 3 * rows * s * 8 * a  # q before / after rotary, attention output
              + 3 * rows * s * 4 * a  # k before / after rotary, v
-             + scores * (8 + a)  # float32 masked scores and softmax, the cast weights
+             + (rows * 2 * s * 4 if fused else scores * (8 + a))  # log-sum-exp, or the scores and softmax
              + 5 * rows * s * 20 * a)  # gate, up, sigmoid, silu, product
     head = residual + rows * s * 32 * (a + 12)
-    backward = scores * 8
+    backward = 0 if fused else scores * 8
     return residual, block, head, backward
 
 
@@ -117,35 +118,50 @@ def rows_s_a(width, a=4):
     return 2 * 8 * width * a
 
 
-def test_tiny_activations_on_2x2x2():
-    residual, block, head, backward = hand_activations(4)
-    plan = tiny_plan([2, 2, 2])
+@pytest.mark.parametrize("attention", ["xla", "auto"])
+def test_tiny_activations_on_2x2x2(attention):
+    fused = attention != "xla"  # auto: the accelerator's flash kernel
+    residual, block, head, backward = hand_activations(4, fused)
+    kernel = [f"model.attention={attention}"]
+    plan = tiny_plan([2, 2, 2], kernel + ["train.remat=dots"])
     b = plan["bytes_per_device"]
     assert plan["rows_per_batch_shard"] == 2
     assert b["activations_remat_off"] == 2 * block + head + backward
     assert b["activations_remat_on"] == 2 * residual + block + head + backward
     fixed = b["parameters"] + b["adapters"] + b["optimizer"] + b["gradients"] + b["accumulator"]
     assert b["total_remat_off"] == fixed + 2 * block + head + backward
-    # train.remat=auto is planned as on an accelerator: dots keeps the input, the projections' outputs
-    # (q 8 wide, k and v 4, o and down 16 each, gate and up 20 each) and recomputes one block
+    # dots keeps the input, the projections' outputs (q 8 wide, k and v 4, o and down 16 each,
+    # gate and up 20 each) and recomputes one block
     dots = 3 * residual + rows_s_a(8 + 2 * 4 + 2 * 20)
     assert plan["remat"] == "dots" and b["total"] == fixed + 2 * dots + block + head + backward
-    none = tiny_plan([2, 2, 2], ["train.remat=none"])
+    none = tiny_plan([2, 2, 2], kernel + ["train.remat=none"])
     assert none["remat"] == "none" and none["bytes_per_device"]["total"] == b["total_remat_off"]
-    minimal = tiny_plan([2, 2, 2], ["train.remat=minimal"])  # input, q and k after rotary, v, attention output
+    minimal = tiny_plan([2, 2, 2], kernel + ["train.remat=minimal"])  # input, q and k after rotary, v, attention output
     kept = residual + rows_s_a(2 * 8 + 2 * 4)
     assert minimal["bytes_per_device"]["total"] == fixed + 2 * kept + block + head + backward
-    full = tiny_plan([2, 2, 2], ["train.remat=full"])
+    full = tiny_plan([2, 2, 2], kernel + ["train.remat=full"])
     assert full["remat"] == "full" and full["bytes_per_device"]["total"] == fixed + 2 * residual + block + head + backward
-    residual, block, head, backward = hand_activations(2)  # bfloat16 compute; float32 terms stay
-    half = tiny_plan([2, 2, 2], ["model.dtype=bfloat16"])["bytes_per_device"]
+    residual, block, head, backward = hand_activations(2, fused)  # bfloat16 compute; float32 terms stay
+    half = tiny_plan([2, 2, 2], kernel + ["model.dtype=bfloat16"])["bytes_per_device"]
     assert half["activations_remat_on"] == 2 * residual + block + head + backward
 
 
+def test_auto_remat_is_planned_as_the_first_policy_from_the_fastest_that_fits_with_10_percent_to_spare():
+    deep = ["model.num_hidden_layers=12"]  # (at 2 layers dots' one recomputed block outweighs what it saves)
+    totals = {policy: tiny_plan([2, 2, 2], [*deep, f"train.remat={policy}"])["bytes_per_device"]["total"]
+              for policy in ("none", "dots", "minimal", "full")}
+    assert totals["none"] > totals["dots"] > totals["minimal"] > totals["full"]
+    for memory, expected in ((totals["none"] / 0.9, "none"), (totals["none"] / 0.91, "dots"),
+                             (totals["minimal"] / 0.9, "minimal"), (totals["full"] / 0.95, "full"),
+                             (totals["full"] / 2, "full")):
+        plan = tiny_plan([2, 2, 2], [*deep, "train.remat=auto"], device_memory_gb=memory / 1e9 * 1.000001)
+        assert plan["remat"] == expected, memory
+
+
 def test_fits_compares_the_total_with_device_memory():
-    total = tiny_plan([8, 1, 1])["bytes_per_device"]["total"]
+    total = tiny_plan([8, 1, 1], ["train.remat=dots"])["bytes_per_device"]["total"]
     assert tiny_plan([8, 1, 1], device_memory_gb=None)["device_memory_gb"] > 0  # a default exists
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, [*TINY, "train.remat=dots"])  # (auto would pick a leaner policy that fits)
     assert plan_memory(cfg, 8, [8, 1, 1], device_memory_gb=total / 1e9 * 1.01)["fits"] is True
     assert plan_memory(cfg, 8, [8, 1, 1], device_memory_gb=total / 1e9 * 0.99)["fits"] is False
     assert plan_memory(cfg, 8, [8, 1, 1], device_kind="TPU v5 lite")["device_memory_gb"] == 16 * 1024**3 / 1e9
@@ -212,7 +228,7 @@ def test_cli_plan_json_and_table(capsys):
     assert np.isclose(plan["device_memory_gb"], 2.0)
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert "parameters (float32)" in table and "with train.remat=dots: fits" in table
+    assert "parameters (float32)" in table and "with train.remat=auto (none here): fits" in table
     assert main(["plan", *TINY, "--devices", "8", "--mesh", "1,8"]) == 2
     assert "--mesh 1,8: expected 3 comma-separated integers" in capsys.readouterr().err
     assert main(["plan", *TINY, "--devices", "8", "--mesh", "1,4,1"]) == 2
