@@ -68,8 +68,8 @@ def table(path: str) -> str:
     from recranker_jax.plan import plan_memory
 
     doc = json.load(open(path))
-    lines = ["| model | slice | hosts | remat | compiler: per chip | fits | plan: per chip | plan / compiler | compile s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | slice, mesh | remat | compiler: per chip | fits | plan: per chip | plan / compiler | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in doc["rows"]:
         cfg = load_config(row["config"], overrides(row["mesh"], row["chips"]))
         plan = plan_memory(cfg, row["chips"], row["mesh"], arch=row["arch"],
@@ -78,7 +78,7 @@ def table(path: str) -> str:
         compiled = row["memory"]["total"] if row["memory"] else row["needed_bytes"]
         figure = f"{compiled / 2**30:.2f} GB" + ("" if row["memory"] else " (temporaries; refused)")
         remat = row["remat"] + (" (auto)" if row["requested"] == "auto" else "")
-        lines.append(f"| {row['arch']} LoRA | {row['accelerator']} {row['mesh']} | {row['hosts']} | {remat} | {figure} | "
+        lines.append(f"| {row['arch']} LoRA | {row['accelerator']} {row['mesh']} | {remat} | {figure} | "
                      f"{'yes' if row['fits'] else '**no**'} | {planned / 2**30:.2f} GB | {planned / compiled:.2f} | "
                      f"{row['compile_seconds']:.0f} |")
     return "\n".join(lines)

@@ -23,11 +23,15 @@ from recranker_jax.errors import RecRankerError
 
 @dataclasses.dataclass
 class RunConfig:
-    """Where a run lives: runs/<name>/ under `root`; `seed` seeds every random choice."""
+    """Where a run lives: runs/<name>/ under `root`; `seed` seeds every random choice.
+    `compilation_cache`: JAX's persistent compilation cache in `root`/.jax_cache, so a resumed
+    or repeated run reuses its compiled training steps (auto: on accelerators only; an execution
+    setting, in no stage's cache key)."""
 
     name: str = "quickstart"
     root: str = "runs"
     seed: int = 0
+    compilation_cache: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclasses.dataclass

@@ -89,6 +89,21 @@ class Schedule:
     name: str  # the stage, for messages
 
 
+COMPILATION_CACHE = ".jax_cache"  # under run.root
+
+
+def use_compilation_cache(cfg: Config) -> Path | None:
+    """JAX's persistent compilation cache in run.root (`run.compilation_cache`; auto: off the
+    CPU), so a resumed or repeated run loads its compiled steps instead of compiling them again.
+    Returns the folder, or None when off."""
+    setting = cfg.run.compilation_cache
+    if setting == "off" or (setting == "auto" and jax.default_backend() == "cpu"):
+        return None
+    folder = Path(cfg.run.root).expanduser().resolve() / COMPILATION_CACHE
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return folder
+
+
 def tune(cfg: Config, schedule: Schedule, examples: list[tuple[np.ndarray, np.ndarray]], tokenizer,
          start: Path | None, model_dir: Path, train_log: Path, checkpoint_dir: Path, progress: bool,
          adapter_dir: Path | None = None) -> dict:
@@ -97,6 +112,7 @@ def tune(cfg: Config, schedule: Schedule, examples: list[tuple[np.ndarray, np.nd
     export it with its tokenizer to `model_dir` (LoRA merged; the adapter in PEFT format to
     `adapter_dir`). Returns the summary. Every process joins; process 0 writes the files."""
     rows = pack(examples, cfg.train.seq_len)
+    use_compilation_cache(cfg)
     mesh = make_mesh(cfg.mesh)
     check_batch(f"{'pretrain' if schedule.name == 'pretrain' else 'train'}.batch_size", schedule.batch_size,
                 cfg.mesh.rules, dict(mesh.shape))
