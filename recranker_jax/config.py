@@ -31,7 +31,7 @@ class RunConfig:
     name: str = "quickstart"
     root: str = "runs"
     seed: int = 0
-    compilation_cache: Literal["auto", "on", "off"] = "auto"
+    compilation_cache: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ KEYS: dict[str, str] = {
     "run.name": "the run's folder name under run.root (no /, not ..)",
     "run.root": "the folder holding the runs; absolute and shared by every host when several run",
     "run.seed": "seeds every random choice: the same config gives the same run",
-    "run.compilation_cache": "JAX's persistent compilation cache in run.root/.jax_cache: auto (accelerators), on, off",
+    "run.compilation_cache": "JAX's persistent compilation cache in run.root/.jax_cache: auto (on accelerators), always, never",
     "data": "which ratings to load and how they become the leave-one-out split",
     "data.source": "movielens-small (embedded), ml-100k, ml-1m, bookcrossing, or tfds:<name>",
     "data.path": "folder or zip with the source's files (not needed for movielens-small)",

@@ -184,3 +184,19 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     assert "checkpoint step 4" in caplog.text and "falling back" in caplog.text
     assert [s.step for s in resumed] == [3, 4, 5, 6]  # from step 2, the one before
     np.testing.assert_allclose([s.loss for s in resumed], [s.loss for s in straight[2:]], rtol=1e-6)
+
+
+def test_the_persistent_compilation_cache_lives_in_run_root_and_is_off_on_the_cpu_by_default(tmp_path):
+    from recranker_jax.config import load_config
+    from recranker_jax.train.stage import COMPILATION_CACHE, use_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert use_compilation_cache(load_config(None, [f"run.root={tmp_path}"])) is None  # auto, on the CPU
+        assert use_compilation_cache(load_config(None, [f"run.root={tmp_path}", "run.compilation_cache=never"])) is None
+        assert jax.config.jax_compilation_cache_dir == before
+        folder = use_compilation_cache(load_config(None, [f"run.root={tmp_path}", "run.compilation_cache=always"]))
+        assert folder == tmp_path.resolve() / COMPILATION_CACHE
+        assert jax.config.jax_compilation_cache_dir == str(folder)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -97,7 +97,7 @@ def use_compilation_cache(cfg: Config) -> Path | None:
     CPU), so a resumed or repeated run loads its compiled steps instead of compiling them again.
     Returns the folder, or None when off."""
     setting = cfg.run.compilation_cache
-    if setting == "off" or (setting == "auto" and jax.default_backend() == "cpu"):
+    if setting == "never" or (setting == "auto" and jax.default_backend() == "cpu"):
         return None
     folder = Path(cfg.run.root).expanduser().resolve() / COMPILATION_CACHE
     jax.config.update("jax_compilation_cache_dir", str(folder))
