@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import math
 from collections.abc import Sequence
@@ -340,6 +341,12 @@ def format_plan(plan: dict[str, Any]) -> str:
     verdict = "does NOT fit" if not plan["fits"] else "fits, with little headroom" if used > 0.9 else "fits"
     setting = plan["remat"] if plan["remat_requested"] != "auto" else f"auto ({plan['remat']} here)"
     lines.append(f"with train.remat={setting}: {verdict} ({used:.0%} of device memory)")
+    compiler = plan.get("compiler")
+    if compiler:
+        figure = compiler["bytes_per_chip"] / GB
+        lines.append(f"the TPU compiler ({compiler['accelerator']}, remat {compiler['remat']}): "
+                     f"{'refused, its temporaries alone' if compiler['refused'] else 'a total of'} {figure:.2f} GB a chip "
+                     f"({'fits' if compiler['fits'] else 'does NOT fit'}; the plan is {b['total'] / GB / figure:.2f}x it)")
     if plan["remat"] != "full" and (not plan["fits"] or used > 0.9) and plan["fits_remat_on"]:
         lines.append(f"with train.remat=full: fits ({b['total_remat_on'] / (plan['device_memory_gb'] * GB):.0%})")
     return "\n".join(lines)
@@ -361,6 +368,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-memory", type=float, metavar="GB", help="memory of one device in GB (1e9 bytes)")
     parser.add_argument("--device-kind", help="a jax device_kind (e.g. 'TPU v5 lite') whose HBM is the device memory")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), help="bundled LLaMA architecture, for when the checkpoint is not here")
+    parser.add_argument("--accelerator", metavar="TYPE", help="a Cloud TPU accelerator type (e.g. v5litepod-8): its "
+                        "chips and HBM; with the tpu extra, the TPU compiler's per-chip figure beside the plan's")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -373,13 +382,42 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         n_devices = args.devices
     mesh = _parse_mesh(args.mesh, len(cfg.mesh.axes)) if args.mesh else None
+    memory_gb, device_kind = args.device_memory, args.device_kind
+    if args.accelerator:
+        from recranker_jax.compile import parse_accelerator
+
+        tpu = parse_accelerator(args.accelerator)
+        if args.devices is not None and args.devices != tpu.chips:
+            raise RecRankerError(f"--devices {args.devices} but --accelerator {tpu.accelerator} has {tpu.chips} chips")
+        n_devices = tpu.chips
+        device_kind = device_kind or _TPU_DEVICE_KIND[tpu.generation]  # its HBM (recranker_jax.hardware)
     try:
-        plan = plan_memory(cfg, n_devices, mesh, arch=args.arch, device_memory_gb=args.device_memory,
-                           device_kind=args.device_kind)
+        plan = plan_memory(cfg, n_devices, mesh, arch=args.arch, device_memory_gb=memory_gb,
+                           device_kind=device_kind)
     except RecRankerError as err:
         if args.devices is None and "devices" in str(err):
             raise RecRankerError(f"{err} (plan for another machine with --devices N)") from None
         raise
+    if args.accelerator and importlib.util.find_spec("libtpu") is not None:
+        plan["compiler"] = compiler_figure(cfg, args.accelerator, mesh, args.arch, plan["remat"])
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
+
+
+_TPU_DEVICE_KIND = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+
+
+def compiler_figure(cfg: Config, accelerator: str, mesh_shape: Sequence[int] | None, arch: str | None,
+                    remat: str) -> dict[str, Any]:
+    """The TPU compiler's per-chip total for the planned setting (`recranker compile`)."""
+    from dataclasses import replace
+
+    from recranker_jax.compile import compile_finetune
+
+    if mesh_shape is not None:
+        cfg = replace(cfg, mesh=replace(cfg.mesh, shape=list(mesh_shape)))
+    doc = compile_finetune(cfg, accelerator, arch=arch, remat=remat)
+    return {"accelerator": doc["accelerator"], "remat": doc["remat"], "fits": doc["fits"],
+            "bytes_per_chip": doc["memory"]["total"] if doc["memory"] else doc["needed_bytes"],
+            "refused": doc["memory"] is None, "compile_seconds": doc["compile_seconds"]}
 

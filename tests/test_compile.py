@@ -151,3 +151,24 @@ def test_without_libtpu_compile_says_how_to_install_it(monkeypatch):
     with pytest.raises(RecRankerError, match=r'the TPU compiler \(libtpu\) is not installed: pip install '
                                              r'"recranker-jax\[tpu\]"'):
         compile_module.slice_devices(parse_accelerator("v5litepod-8"))
+
+
+@needs_libtpu
+def test_plan_for_an_accelerator_shows_the_compilers_figure_beside_its_own(tmp_path):
+    from recranker_jax.plan import GB, format_plan
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "recranker_jax.cli", "plan", "--accelerator", "v5litepod-8", "--mesh",
+                           "1,8,1", "--json", *SMALL, "train.remat=dots"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["devices"] == 8 and plan["device_memory_gb"] == 16 * 2**30 / 1e9  # a v5e chip's HBM
+    compiler = plan["compiler"]
+    assert (compiler["accelerator"], compiler["remat"], compiler["refused"], compiler["fits"]) == (
+        "v5litepod-8", "dots", False, True)
+    b = plan["bytes_per_device"]
+    assert compiler["bytes_per_chip"] > b["parameters"] + b["adapters"] + b["optimizer"]  # the state, and more
+    ratio = b["total"] / compiler["bytes_per_chip"]
+    assert (f"the TPU compiler (v5litepod-8, remat dots): a total of {compiler['bytes_per_chip'] / GB:.2f} GB a chip "
+            f"(fits; the plan is {ratio:.2f}x it)") in format_plan(plan)
