@@ -13,13 +13,12 @@ operations:
 - dots: keep the seven projections' outputs (q, k, v, o, gate, up, down; tagged by name, in
   the activations' dtype) and recompute the attention, the norms, rotary, the LoRA adapters'
   inner products and the elementwise operations. (JAX's `dots_with_no_batch_dims_saveable`,
-  which this policy was before, also kept the adapters' float32 products and, on the TPU
-  compiler, needed 29.2 GB a v5e chip for 7B LoRA at 2048 tokens against 5-6 GB for this one:
-  docs/scale-out.md);
+  which this policy was before, also kept the adapters' float32 products; docs/scale-out.md);
 - full: keep only each layer's input and recompute the whole layer (the least memory, one
   more forward pass of compute, what PyTorch's gradient checkpointing does).
-- auto: none on the CPU (host memory is plentiful, the quickstart measured fastest without),
-  `ACCELERATOR_DEFAULT` elsewhere.
+- auto: none on the CPU (host memory is plentiful, the quickstart measured fastest without);
+  on accelerators the finetune asks the compiler for the fastest policy that fits
+  (`train.remat_choice`), and `resolve` gives `ACCELERATOR_DEFAULT` where nothing asks.
 """
 
 from __future__ import annotations
