@@ -155,11 +155,12 @@ def compile_finetune(cfg: Config, accelerator: str, slices: int = 1, arch: str |
                      remat: str | None = None, batch_size: int | None = None, attention: str | None = None,
                      step_seconds: float | None = None, rank_programs: bool = False) -> dict:
     """The finetune step of `cfg` compiled for `slices` x `accelerator` (a JSON-ready dict)."""
-    from recranker_jax.config_checks import check_batch
+    from recranker_jax.config_checks import check_batch, resolve_mesh_shape
     from recranker_jax.hardware import device_memory_bytes, peak_flops
     from recranker_jax.llm.remat import POLICIES, resolve
     from recranker_jax.plan import resolve_architecture
     from recranker_jax.train.aot import StepShape, compile_step
+    from recranker_jax.train.remat_choice import choose_remat
 
     tpu = parse_accelerator(accelerator)
     if remat is not None and remat not in POLICIES:
@@ -174,8 +175,6 @@ def compile_finetune(cfg: Config, accelerator: str, slices: int = 1, arch: str |
         overrides["attention"] = attention
     shape = StepShape.of(cfg, llama, **overrides)
     chips = tpu.chips * slices
-    from recranker_jax.config_checks import resolve_mesh_shape
-
     try:
         sizes = dict(zip(cfg.mesh.axes, resolve_mesh_shape(cfg.mesh.shape, chips)))
     except RecRankerError as error:
@@ -186,8 +185,6 @@ def compile_finetune(cfg: Config, accelerator: str, slices: int = 1, arch: str |
     devices = slice_devices(tpu, slices)
     mesh = slice_mesh(cfg, devices, slices)
     capacity = device_memory_bytes(devices[0])
-    from recranker_jax.train.remat_choice import choose_remat
-
     started = time.perf_counter()
     tried = choose_remat(lambda policy: compile_step(dataclasses.replace(shape, remat=policy), mesh, cfg.mesh.rules,
                                                      capacity), policies)
@@ -248,7 +245,7 @@ def compile_rank(cfg: Config, llama, mesh, capacity: int | None) -> dict:
     from recranker_jax.llm import decode
     from recranker_jax.llm.llama import KVCache, Llama
     from recranker_jax.parallel import BATCH_AXES, logical_spec, sharding_context
-    from recranker_jax.train.aot import HEADROOM, _shard_abstract, memory_figures
+    from recranker_jax.train.aot import HEADROOM, _shard_abstract, memory_figures, out_of_memory_figures
 
     rows = cfg.rank.batch_size
     width = decode.bucket_width(cfg.prompts.max_tokens)
@@ -272,8 +269,6 @@ def compile_rank(cfg: Config, llama, mesh, capacity: int | None) -> dict:
                                               array((rows, 16)))),
     }
     out = {}
-    from recranker_jax.train.aot import out_of_memory_figures
-
     for name, (function, args) in programs.items():
         started = time.perf_counter()
         try:
