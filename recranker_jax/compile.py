@@ -245,14 +245,14 @@ def compile_rank(cfg: Config, llama, mesh, capacity: int | None) -> dict:
     from recranker_jax.llm import decode
     from recranker_jax.llm.llama import KVCache, Llama
     from recranker_jax.parallel import BATCH_AXES, logical_spec, sharding_context
-    from recranker_jax.train.aot import HEADROOM, _shard_abstract, memory_figures, out_of_memory_figures
+    from recranker_jax.train.aot import HEADROOM, shard_abstract, memory_figures, out_of_memory_figures
 
     rows = cfg.rank.batch_size
     width = decode.bucket_width(cfg.prompts.max_tokens)
     m = cfg.model
     model = nnx.eval_shape(lambda: Llama(llama, nnx.Rngs(0), m.dtype, m.param_dtype, "none", m.scan_layers,
                                          m.attention))
-    _shard_abstract(model, mesh, cfg.mesh.rules)
+    shard_abstract(model, mesh, cfg.mesh.rules)
     batch = NamedSharding(mesh, logical_spec(BATCH_AXES, cfg.mesh.rules))
 
     def array(shape, dtype=jnp.int32):

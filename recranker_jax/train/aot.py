@@ -80,7 +80,7 @@ def _model_path(path: tuple) -> tuple:
     return ()
 
 
-def _shard_abstract(node: Any, mesh: Mesh | None, rules: dict) -> None:
+def shard_abstract(node: Any, mesh: Mesh | None, rules: dict) -> None:
     """Give every abstract array of `node`'s state its sharding on `mesh` (in place)."""
     if mesh is None:
         return
@@ -114,8 +114,8 @@ def abstract_step_inputs(shape: StepShape, mesh: Mesh | None = None, rules: dict
 
     model, optimizer = nnx.eval_shape(build)
     rules = rules or {}
-    _shard_abstract(model, mesh, rules)
-    _shard_abstract(optimizer, mesh, rules)
+    shard_abstract(model, mesh, rules)
+    shard_abstract(optimizer, mesh, rules)
     rows, length = shape.batch_size, shape.seq_len
     batch_sharding = None if mesh is None else NamedSharding(mesh, logical_spec(BATCH_AXES, rules))
 
