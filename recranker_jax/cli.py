@@ -30,6 +30,13 @@ def _add_common(parser: argparse.ArgumentParser, default_config: str | None = No
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.min_likes=5")
 
 
+def _add_rebuild(parser: argparse.ArgumentParser) -> None:
+    """--rebuild on the commands that write stages (run.rebuild=true)."""
+    parser.add_argument("--rebuild", action="store_true",
+                        help="replace finished stages built with other settings (run.rebuild=true); without it such "
+                             "a command stops before any work and names the settings that differ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recranker", description="RecRanker in JAX. Start with `recranker quickstart`: the whole pipeline on "
@@ -44,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
     split = data_commands.add_parser("split", help="write train/valid/test/items CSVs")
     _add_common(split, default_config="quickstart")
+    _add_rebuild(split)
     split.add_argument("--out", help="also copy the CSVs into this folder")
 
     from recranker_jax.pipeline import STAGES
@@ -51,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES.values():
         if stage.name != "data":  # data has its own actions above
             text = f"{stage.help} (runs the unfinished stages before it first)"
-            _add_common(stages.add_parser(stage.name, help=text, description=text), default_config="quickstart")
+            stage_parser = stages.add_parser(stage.name, help=text, description=text)
+            _add_common(stage_parser, default_config="quickstart")
+            _add_rebuild(stage_parser)
 
     bench = stages.add_parser("bench", help="throughput benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -132,18 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     quickstart = stages.add_parser("quickstart", help="the whole pipeline on the embedded MovieLens, on the CPU")
     _add_common(quickstart, default_config="quickstart")
+    _add_rebuild(quickstart)
     pipeline = stages.add_parser("pipeline", help="every stage for any config")
     _add_common(pipeline, required=True)
+    _add_rebuild(pipeline)
     return parser
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
+    """Only looks: the run's finished split, else one made in a temporary folder (nothing written into runs/)."""
     from recranker_jax.data.split import format_stats
-    from recranker_jax.pipeline import run
-    from recranker_jax.run import DataFolder, read_json
+    from recranker_jax.pipeline import look
+    from recranker_jax.run import RunFolder, read_json
 
-    out, _ = run(load_config(args.config, args.overrides), "data")
-    stats = read_json(DataFolder(out).meta)
+    with look(load_config(args.config, args.overrides), "data", progress=False) as cfg:
+        stats = read_json(RunFolder.of(cfg).data.meta)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -190,10 +203,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     """Every stage of the table, then the report."""
     from recranker_jax.pipeline import STAGES
 
+    from recranker_jax.pipeline import writing
+
     cfg = load_config(args.config, args.overrides)
-    for name in STAGES:
-        _run_stage(cfg, name)
-    _write_report(cfg)
+    with writing(cfg):  # one lock across every stage and the report
+        for name in STAGES:
+            _run_stage(cfg, name)
+        _write_report(cfg)
     return 0
 
 
@@ -273,8 +289,15 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise RecRankerError("report --runs compares finished run folders; drop --config and key=value overrides")
         print(compare_runs([Path(d) for d in args.runs], args.split))
         return 0
+    from recranker_jax.pipeline import writing
+
     cfg = load_config(args.config, args.overrides)
-    print(f"report written to {write_report(cfg.run_dir)}")
+    if not cfg.run_dir.is_dir():
+        raise RecRankerError(f"no run folder {cfg.run_dir.absolute()}: run.root={cfg.run.root} is read from the "
+                             f"current folder ({Path.cwd()}); cd to the folder the run was started from, or pass "
+                             f"run.root=<absolute path> (and run.name=...)")
+    with writing(cfg):
+        print(f"report written to {write_report(cfg.run_dir)}")
     print(format_table(read_json(RunFolder.of(cfg).metrics), args.split))
     return 0
 
@@ -315,6 +338,8 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "rebuild", False):
+        args.overrides = [*args.overrides, "run.rebuild=true"]
     if args.command == "pipeline" and args.config is None:
         print("error: recranker pipeline needs --config FILE", file=sys.stderr)
         return 2
@@ -332,12 +357,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM once signals.install ran (exit 143)
         if debug:
             raise
-        print("error: interrupted; run the same command again to resume (finished stages and training checkpoints "
-              "are kept)", file=sys.stderr)
-        return 130
+        from recranker_jax.signals import exit_code
+
+        code = exit_code(err)
+        print(f"error: {'terminated (SIGTERM)' if code == 143 else 'interrupted'}; run the same command again to "
+              "resume (finished stages and training checkpoints are kept)", file=sys.stderr)
+        return code
     except _file_errors() as err:
         if debug:
             raise
@@ -346,12 +374,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry_point() -> None:
+    from recranker_jax import signals
+
+    signals.install()  # SIGTERM and Ctrl-C stop the command within seconds, whatever it is doing
     try:
         code = main()
         sys.stdout.flush()
     except BrokenPipeError:  # `recranker data stats --json | head` ends quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    signals.finishing(code)
     sys.exit(code)
 
 

@@ -341,6 +341,27 @@ def check_paths(cfg: Any, stages: Sequence[str]) -> None:
                 raise RecRankerError(f"{dotted}={value}: no such file or folder")
             if path.suffix == ".gguf":
                 require_gguf(f"{dotted}={value}")
+            elif path.is_dir():
+                check_model_folder(dotted, value, path)
+
+
+# What a folder must hold to be read as a model (Hugging Face LLaMA) or as a tokenizer.
+MODEL_FILES = ("config.json", "*.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_folder(dotted: str, value: str, path: Path) -> None:
+    """A model.checkpoint folder holds config.json and safetensors weights; a prompts.tokenizer
+    folder holds a tokenizer file: said in one line before any stage runs, not after the data
+    and retrieval stages."""
+    if dotted == "model.checkpoint":
+        missing = [pattern for pattern in MODEL_FILES if not any(path.glob(pattern))]
+        if missing:
+            raise RecRankerError(f"{dotted}={value}: the folder has no {' and no '.join(missing)}; expected a Hugging "
+                                 "Face LLaMA checkpoint folder (config.json and model*.safetensors) or a .gguf file")
+    elif dotted == "prompts.tokenizer" and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise RecRankerError(f"{dotted}={value}: the folder holds no tokenizer ({', '.join(TOKENIZER_FILES)}); expected "
+                             "the checkpoint's folder, a tokenizer folder or a .gguf file")
 
 
 # ----------------------------------------------------------------------------- the mesh

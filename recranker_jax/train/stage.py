@@ -124,10 +124,13 @@ def tune(cfg: Config, schedule: Schedule, examples: list[tuple[np.ndarray, np.nd
                 if primary else None,
                 progress=progress and primary, schedule=learning_rate_schedule(s.lr, s.warmup_steps, s.steps),
                 desc=s.name, **throughput_model(cfg, model, mesh),
+                diverged_hint=f"{s.name if s.name == 'pretrain' else 'train'}.lr={s.lr}, with "
+                              f"{s.name if s.name == 'pretrain' else 'train'}.warmup_steps={s.warmup_steps} and "
+                              f"train.clip_norm={t.clip_norm}",
             )
-        if reached < s.steps:
-            raise Interrupted(f"{s.name} was interrupted (SIGTERM or Ctrl-C); run the same command again to resume "
-                              "from its checkpoint")
+        if reached < s.steps:  # exit 130 for SIGTERM too: every process of a multi-host run stops the same way
+            raise Interrupted(f"{s.name} was interrupted (SIGTERM or Ctrl-C) at step {reached}; run the same command "
+                              "again to resume from its checkpoint")
     if lora.enabled:
         from recranker_jax.llm.lora import export_peft, merge_lora
 
