@@ -300,6 +300,8 @@ def test_weak_messages_are_precise(finished, tmp_path, capsys, monkeypatch):
         f"error: model.checkpoint={not_a_model}: the folder has no config.json and no *.safetensors; expected a Hugging "
         "Face LLaMA checkpoint folder (config.json and model*.safetensors) or a .gguf file")
     assert hashes(run) == before
+    assert main(["bench", "compile", "--preset", "nosuch"]) == 2
+    assert one_error_line(capsys.readouterr().err).startswith("error: bench compile: --preset 'nosuch': expected one of")
     monkeypatch.chdir(tmp_path)
     assert main(["report", "run.root=runs"]) == 2
     assert one_error_line(capsys.readouterr().err).startswith(

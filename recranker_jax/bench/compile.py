@@ -56,7 +56,7 @@ def bench_compile(cfg: Config, preset: str = "7b-lora", scan_layers: bool = True
     from recranker_jax.llm.remat import resolve
     from recranker_jax.train.step import jitted_train_step
 
-    problem = problem_from_config(cfg, preset)
+    problem = problem_from_config(cfg, preset, command="bench compile")
     if layers is not None:
         if layers < 1:
             raise RecRankerError(f"bench compile: --layers {layers}: expected a positive integer")
