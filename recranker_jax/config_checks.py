@@ -364,6 +364,31 @@ def check_model_folder(dotted: str, value: str, path: Path) -> None:
                              "the checkpoint's folder, a tokenizer folder or a .gguf file")
 
 
+# ----------------------------------------------------------------------------- sizes that cannot fit
+
+def check_fits(key: str, value: int, per_unit: float, fixed: float, capacity: int | None, what: str,
+               where: str) -> None:
+    """The one rule for sizes, checked before the allocation: `what` needs at least
+    `fixed + value * per_unit` bytes (a lower bound: the estimate never refuses what would fit),
+    which must not exceed `capacity` (`where` names it). Else one line naming the setting `key`
+    and its largest workable value (nothing when capacity is unknown)."""
+    needed = fixed + value * per_unit
+    if capacity is None or needed <= capacity:
+        return
+    largest = int((capacity - fixed) // per_unit) if capacity > fixed else 0
+    advice = (f"the largest workable {key} is at most about {largest:,}" if largest >= 1 else
+              f"even {key}=1 does not fit (the rest of the setup needs {_size(fixed)})")
+    raise RecRankerError(f"{key}={value}: {what} needs at least {_size(needed)}, more than {where} "
+                         f"({_size(capacity)}); {advice}")
+
+
+def _size(count: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count / 1e3:,.1f} kB"
+
+
 # ----------------------------------------------------------------------------- the mesh
 
 def check_mesh(shape: Sequence[int], axes: Sequence[str], rules: Mapping[str, Sequence[str]]) -> None:

@@ -306,3 +306,47 @@ def test_weak_messages_are_precise(finished, tmp_path, capsys, monkeypatch):
     assert main(["report", "run.root=runs"]) == 2
     assert one_error_line(capsys.readouterr().err).startswith(
         f"error: no run folder {tmp_path / 'runs' / 'quickstart'}: run.root=runs is read from the current folder")
+
+
+@pytest.mark.parametrize("command, setting, message", [
+    (["retrieval", "--rebuild"], "retrieval.dim=10000000",
+     "error: retrieval.dim=10000000: training lightgcn's embedding tables (9,730 rows, with Adam's state) needs at "
+     "least 1.6 TB, more than this host's free memory (32.0 GB); the largest workable retrieval.dim is at most about "),
+    (["finetune"], "train.batch_size=100000000",
+     "error: train.batch_size=100000000: one training batch (train.batch_size=100,000,000 x train.seq_len=1,152 tokens) "
+     "on the host needs at least 3.7 TB, more than this host's free memory (32.0 GB); the largest workable "
+     "train.batch_size is at most about "),
+    (["finetune", "train.batch_size=8"], "train.seq_len=100000000",  # the batch splits over the tests' 8 devices
+     "error: train.seq_len=100000000: one finetune step (train.batch_size=8 x train.seq_len=100,000,000 tokens) needs "
+     "at least 819.2 GB, more than this host's free memory (32.0 GB); the largest workable train.seq_len is at most "),
+])
+def test_sizes_that_cannot_fit_stop_before_allocating(finished, tmp_path, capsys, monkeypatch, command, setting, message):
+    import recranker_jax.hardware as hardware
+
+    monkeypatch.setattr(hardware, "host_memory_available", lambda: 32 * 10**9)  # the same verdict on any machine
+    overrides, run = copy_run(finished, tmp_path)
+    before = hashes(run)
+    assert main([*command, *overrides, setting]) == 2
+    assert one_error_line(capsys.readouterr().err).startswith(message)
+    finished_stages = ("data/", "retrieval/", "instructions/")  # (the finetune builds the pretrain stage first)
+    assert {k: v for k, v in hashes(run).items() if k.startswith(finished_stages)} == {
+        k: v for k, v in before.items() if k.startswith(finished_stages)}
+    assert not list(run.glob(".*.partial")) and not list((run / "checkpoints").glob("*"))
+
+
+def test_a_rank_batch_that_cannot_fit_stops_before_scoring(monkeypatch):
+    from flax import nnx
+
+    import recranker_jax.hardware as hardware
+    from recranker_jax.config import load_config
+    from recranker_jax.errors import RecRankerError
+    from recranker_jax.llm.llama import Llama, LlamaConfig
+    from recranker_jax.rank.ranker import check_batches_fit
+
+    monkeypatch.setattr(hardware, "host_memory_available", lambda: 8 * 10**9)
+    model = Llama(LlamaConfig(64, 16, 32, 2, 2, 2), nnx.Rngs(0))
+    check_batches_fit(load_config("quickstart"), model)  # rank.batch_size=16 fits
+    with pytest.raises(RecRankerError, match=r"^rank.batch_size=100000000: one rank batch of prompts of up to 1,024 "
+                                             r"tokens needs at least 921.6 GB, more than this host's free memory "
+                                             r"\(8.0 GB\); the largest workable rank.batch_size is at most about 868,055$"):
+        check_batches_fit(load_config("quickstart", ["rank.batch_size=100000000"]), model)
