@@ -2,7 +2,8 @@
 
 Each subcommand loads the config, calls one library function and prints its
 result. A `RecRankerError`, an OS error on a path or a file a library cannot read becomes one
-line on stderr and exit code 2 (RECRANKER_DEBUG=1 shows the traceback); Ctrl-C one line and 130.
+line on stderr and exit code 2 (RECRANKER_DEBUG=1 shows the traceback); Ctrl-C one line and 130,
+SIGTERM one line and 143 (signals.py: honoured even inside a long XLA call).
 """
 
 from __future__ import annotations
@@ -201,9 +202,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """Every stage of the table, then the report."""
-    from recranker_jax.pipeline import STAGES
-
-    from recranker_jax.pipeline import writing
+    from recranker_jax.pipeline import STAGES, writing
 
     cfg = load_config(args.config, args.overrides)
     with writing(cfg):  # one lock across every stage and the report
