@@ -2,7 +2,8 @@
 
 Each subcommand loads the config, calls one library function and prints its
 result. A `RecRankerError`, an OS error on a path or a file a library cannot read becomes one
-line on stderr and exit code 2 (RECRANKER_DEBUG=1 shows the traceback); Ctrl-C one line and 130.
+line on stderr and exit code 2 (RECRANKER_DEBUG=1 shows the traceback); Ctrl-C one line and 130,
+SIGTERM one line and 143 (signals.py: honoured even inside a long XLA call).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def _add_common(parser: argparse.ArgumentParser, default_config: str | None = No
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.min_likes=5")
 
 
+def _add_rebuild(parser: argparse.ArgumentParser) -> None:
+    """--rebuild on the commands that write stages (run.rebuild=true)."""
+    parser.add_argument("--rebuild", action="store_true",
+                        help="replace finished stages built with other settings (run.rebuild=true); without it such "
+                             "a command stops before any work and names the settings that differ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recranker", description="RecRanker in JAX. Start with `recranker quickstart`: the whole pipeline on "
@@ -48,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     split = data_commands.add_parser("split", help="write train/valid/test/items CSVs",
                                      description="Write train/valid/test/items CSVs (raw ids) into the run's data/.")
     _add_common(split, default_config="quickstart")
+    _add_rebuild(split)
     split.add_argument("--out", help="also copy the CSVs into this folder")
 
     from recranker_jax.pipeline import STAGES
@@ -55,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES.values():
         if stage.name != "data":  # data has its own actions above
             text = f"{stage.help} (runs the unfinished stages before it first)"
-            _add_common(stages.add_parser(stage.name, help=text, description=text), default_config="quickstart")
+            stage_parser = stages.add_parser(stage.name, help=text, description=text)
+            _add_common(stage_parser, default_config="quickstart")
+            _add_rebuild(stage_parser)
 
     bench = stages.add_parser("bench", help="throughput benchmarks",
                               description="Throughput benchmarks, JAX against PyTorch where a counterpart exists.")
@@ -149,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Every stage on the embedded MovieLens with configs/quickstart.yaml, "
                                                "then the report and its verdict (about 2-3 minutes on a laptop CPU).")
     _add_common(quickstart, default_config="quickstart")
+    _add_rebuild(quickstart)
     pipeline = stages.add_parser("pipeline", help="every stage for any config",
                                  description="Every stage of a config, then the report and its verdict.")
     _add_common(pipeline, required=True)
+    _add_rebuild(pipeline)
     _add_config_commands(stages)
     _describe(parser)
     return parser
@@ -181,12 +194,13 @@ def _add_config_commands(stages) -> None:
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
+    """Only looks: the run's finished split, else one made in a temporary folder (nothing written into runs/)."""
     from recranker_jax.data.split import format_stats
-    from recranker_jax.pipeline import run
-    from recranker_jax.run import DataFolder, read_json
+    from recranker_jax.pipeline import look
+    from recranker_jax.run import RunFolder, read_json
 
-    out, _ = run(load_config(args.config, args.overrides), "data")
-    stats = read_json(DataFolder(out).meta)
+    with look(load_config(args.config, args.overrides), "data", progress=False) as cfg:
+        stats = read_json(RunFolder.of(cfg).data.meta)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -232,12 +246,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """Every stage of the table, then the report."""
-    from recranker_jax.pipeline import STAGES
+    from recranker_jax.pipeline import STAGES, writing
 
     cfg = load_config(args.config, args.overrides)
-    for name in STAGES:
-        _run_stage(cfg, name)
-    _write_report(cfg)
+    with writing(cfg):  # one lock across every stage and the report
+        for name in STAGES:
+            _run_stage(cfg, name)
+        _write_report(cfg)
     return 0
 
 
@@ -337,8 +352,15 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise RecRankerError("report --runs compares finished run folders; drop --config and key=value overrides")
         print(compare_runs([Path(d) for d in args.runs], args.split))
         return 0
+    from recranker_jax.pipeline import writing
+
     cfg = load_config(args.config, args.overrides)
-    print(f"report written to {write_report(cfg.run_dir)}")
+    if not cfg.run_dir.is_dir():
+        raise RecRankerError(f"no run folder {cfg.run_dir.absolute()}: run.root={cfg.run.root} is read from the "
+                             f"current folder ({Path.cwd()}); cd to the folder the run was started from, or pass "
+                             f"run.root=<absolute path> (and run.name=...)")
+    with writing(cfg):
+        print(f"report written to {write_report(cfg.run_dir)}")
     print(format_table(read_json(RunFolder.of(cfg).metrics), args.split))
     print("\n".join(f"[verdict] {line}" for line in verdict_lines(cfg.run_dir)))
     return 0
@@ -383,6 +405,8 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "rebuild", False):
+        args.overrides = [*args.overrides, "run.rebuild=true"]
     action = (getattr(args, "data_command", None) or getattr(args, "bench_command", None)
               or getattr(args, "config_command", None))
     handler = COMMANDS.get((args.command, action), cmd_stage)  # the table's stages (parser choices)
@@ -399,12 +423,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM once signals.install ran (exit 143)
         if debug:
             raise
-        print("error: interrupted; run the same command again to resume (finished stages and training checkpoints "
-              "are kept)", file=sys.stderr)
-        return 130
+        from recranker_jax.signals import exit_code
+
+        code = exit_code(err)
+        print(f"error: {'terminated (SIGTERM)' if code == 143 else 'interrupted'}; run the same command again to "
+              "resume (finished stages and training checkpoints are kept)", file=sys.stderr)
+        return code
     except _file_errors() as err:
         if debug:
             raise
@@ -413,12 +440,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry_point() -> None:
+    from recranker_jax import signals
+
+    signals.install()  # SIGTERM and Ctrl-C stop the command within seconds, whatever it is doing
     try:
         code = main()
         sys.stdout.flush()
     except BrokenPipeError:  # `recranker data stats --json | head` ends quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    signals.finishing(code)
     sys.exit(code)
 
 

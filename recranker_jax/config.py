@@ -23,15 +23,27 @@ from recranker_jax.errors import RecRankerError
 
 @dataclasses.dataclass
 class RunConfig:
-    """Where a run lives: runs/<name>/ under `root`; `seed` seeds every random choice.
-    `compilation_cache`: JAX's persistent compilation cache in `root`/.jax_cache, so a resumed
-    or repeated run reuses its compiled training steps (auto: on accelerators only; an execution
-    setting, in no stage's cache key)."""
+    """Where a run lives: runs/<name>/ under `root`; `seed` seeds every random choice (0 to
+    2**32 - 1, the range every generator here accepts).
+
+    rebuild: a finished stage whose config changed is replaced (false: the command stops
+      before any work and says which settings differ); `--rebuild` on the command line sets
+      it. It says what one command may do, not how the run was made: never recorded in the
+      run's config.yaml.
+    compilation_cache: JAX's persistent compilation cache in `root`/.jax_cache, so a resumed
+      or repeated run reuses its compiled training steps (auto: on accelerators only; an
+      execution setting, in no stage's cache key).
+    """
 
     name: str = "quickstart"
     root: str = "runs"
     seed: int = 0
+    rebuild: bool = False
     compilation_cache: Literal["auto", "always", "never"] = "auto"
+
+
+# Settings of one command, not of the run: left out of the recorded config (`recorded_config`).
+COMMAND_SETTINGS = {"run": ("rebuild",)}
 
 
 @dataclasses.dataclass
@@ -363,6 +375,15 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def recorded(self) -> dict[str, Any]:
+        """The config as a run records it (config.yaml, each stage's _stage.json): without the
+        settings of one command (`COMMAND_SETTINGS`)."""
+        plain = self.to_dict()
+        for section, keys in COMMAND_SETTINGS.items():
+            for key in keys:
+                plain[section].pop(key, None)
+        return plain
+
     def validate(self) -> Config:
         """Every range, vocabulary and cross-section check (`config_checks`), one RecRankerError
         naming the key for the first failure; returns the config."""
@@ -542,6 +563,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise RecRankerError(f"config file {name_or_path} is a folder; pass a YAML file (e.g. {path / 'config.yaml'} "
+                             "of a run) or the name of a bundled config")
     bundled = bundled_config_dir() / f"{name_or_path}.yaml"
     if path.suffix == "" and bundled.is_file():
         return bundled
@@ -551,9 +575,32 @@ def resolve_config_path(name_or_path: str) -> Path:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a mapping that repeats a key is an error (not the last value silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by the keys beside it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is None:
+                seen[key] = key_node.start_mark.line + 1
+            else:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file's mapping; one RecRankerError with the file (and line) when it is not valid
+    YAML, repeats a key in one mapping, is empty, or is not a mapping."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -562,7 +609,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise RecRankerError(f"config file {path}: expected UTF-8 text YAML") from None
     if data is None:
-        return {}
+        raise RecRankerError(f"config file {path} line 1: the file is empty (or only comments); expected a mapping of "
+                             "sections, e.g. `run: {name: myrun}`")
     if not isinstance(data, dict):
         raise RecRankerError(f"config file {path}: expected a mapping of sections at the top level")
     return data
@@ -584,4 +632,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The YAML of the config as a run records it (`Config.recorded`)."""
+    return yaml.safe_dump(cfg.recorded(), sort_keys=False)

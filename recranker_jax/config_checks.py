@@ -56,22 +56,80 @@ def _positive(section: str, owner: Any, keys: Sequence[str]) -> None:
             raise RecRankerError(f"{section}.{key}={getattr(owner, key)}: expected a positive integer")
 
 
+def _non_negative(section: str, owner: Any, keys: Sequence[str]) -> None:
+    """Counts that may be 0 (warmup steps, LightGCN layers) and weights that may be 0 (l2, decay)."""
+    for key in keys:
+        if getattr(owner, key) < 0:
+            raise RecRankerError(f"{section}.{key}={getattr(owner, key)}: expected 0 or more")
+
+
+def _learning_rates(section: str, owner: Any, keys: Sequence[str] = ("lr",)) -> None:
+    """A learning rate is a finite positive number (0 learns nothing; a negative one climbs the loss)."""
+    for key in keys:
+        value = getattr(owner, key)
+        if not (math.isfinite(value) and value > 0):
+            raise RecRankerError(f"{section}.{key}={value}: expected a positive learning rate, e.g. 1e-3")
+
+
+def check_finite(config: Any, prefix: str = "") -> None:
+    """Every number of a config (any section, nested lists included) is finite: nan and inf are no
+    setting (YAML reads .nan / .inf, and float('nan') parses as one)."""
+    import dataclasses
+
+    def walk(value: Any, key: str) -> None:
+        if dataclasses.is_dataclass(value):
+            for field in dataclasses.fields(value):
+                walk(getattr(value, field.name), f"{key}.{field.name}" if key else field.name)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{key}[{i}]")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise RecRankerError(f"{key}={value}: expected a finite number")
+
+    walk(config, prefix)
+
+
+# run.seed seeds numpy generators, scikit-learn and jax.random keys: numpy's seeding range (a 32-bit
+# unsigned integer), which every one of them accepts. A seed outside it is refused, not mapped.
+SEED_LIMIT = 2**32
+
+
+def _has_control_characters(text: str) -> bool:
+    import unicodedata
+
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
 def check_run(run: Any) -> None:
-    """run.name is one folder inside run.root: not empty, no path separator, not . or ..; run.root
-    is a folder of this machine's filesystem (stages write it with ordinary file I/O)."""
+    """run.name is one folder inside run.root: not empty, no path separator, not . or .., no
+    control characters (a newline or a tab would make a folder no one can type); run.root is a
+    folder of this machine's filesystem (stages write it with ordinary file I/O); run.seed is in
+    0 .. 2**32 - 1 (`SEED_LIMIT`)."""
     if "://" in run.root:
         raise RecRankerError(f"run.root={run.root}: expected a folder path; a bucket is used through a mount "
                              "(e.g. gcsfuse: run.root=/mnt/bucket/runs), since the stages write plain files")
+    if not run.root or _has_control_characters(run.root):
+        raise RecRankerError(f"run.root={run.root!r}: expected a folder path without control characters")
     name = run.name
-    if not name.strip() or "/" in name or "\\" in name or name in (".", "..") or name != name.strip():
-        raise RecRankerError(f"run.name={name!r}: expected a folder name inside run.root (no '/', not empty, "
-                             "not '.' or '..')")
+    if (not name.strip() or "/" in name or "\\" in name or name in (".", "..") or name != name.strip()
+            or _has_control_characters(name)):
+        raise RecRankerError(f"run.name={name!r}: expected a folder name inside run.root (no '/', no control "
+                             "characters, not empty, not '.' or '..')")
+    if not 0 <= run.seed < SEED_LIMIT:
+        raise RecRankerError(f"run.seed={run.seed}: expected an integer from 0 to {SEED_LIMIT - 1}")
 
 
 def check_data(data: Any) -> None:
     source = data.source
     if source not in SOURCES[:-1] and not source.startswith("tfds:"):
         raise RecRankerError(f"unknown data.source {source!r}; expected one of: {', '.join(SOURCES)}")
+    check_min_likes(data.min_likes)
+
+
+def check_min_likes(min_likes: int) -> None:
+    """A kept user has a test, a validation and at least one training like."""
+    if min_likes < 3:
+        raise RecRankerError(f"data.min_likes={min_likes}: expected >= 3 (a test, a validation and a training like)")
 
 
 def check_retrieval(retrieval: Any) -> None:
@@ -84,9 +142,18 @@ def check_retrieval(retrieval: Any) -> None:
             f"retrieval.backbone={retrieval.backbone!r}: expected one of the ranking models in retrieval.models "
             f"({', '.join(m for m in known if known[m])}), got models {retrieval.models}"
         )
-    _positive("retrieval", retrieval, ("candidates", "dim", "batch_size", "epochs", "eval_every", "patience"))
+    _positive("retrieval", retrieval, ("candidates", "dim", "batch_size", "epochs", "eval_every", "patience",
+                                       "eval_batch_users"))
+    _non_negative("retrieval", retrieval, ("layers", "l2"))
+    _learning_rates("retrieval", retrieval)
+    explicit = retrieval.explicit_mf
+    _positive("retrieval.explicit_mf", explicit, ("dim", "batch_size", "epochs", "eval_every", "patience"))
+    _non_negative("retrieval.explicit_mf", explicit, ("l2",))
+    _learning_rates("retrieval.explicit_mf", explicit)
     sequence = retrieval.sequence
     _positive("retrieval.sequence", sequence, ("dim", "blocks", "heads", "batch_size", "epochs", "eval_every", "patience"))
+    _non_negative("retrieval.sequence", sequence, ("l2",))
+    _learning_rates("retrieval.sequence", sequence)
     if sequence.max_len < 2:
         raise RecRankerError(f"retrieval.sequence.max_len={sequence.max_len}: expected at least 2 (a like and the one "
                              "that follows it)")
@@ -137,6 +204,7 @@ def check_prompts(cfg: Any) -> None:
         raise RecRankerError(f"prompts.tasks={prompts.tasks}: expected a non-empty subset of {', '.join(TASKS)}")
     _positive("prompts", prompts, ("history_items", "listwise_liked", "listwise_candidates", "pairs", "max_tokens",
                                    "tokenizer_vocab_size"))
+    _non_negative("prompts", prompts, ("disliked_items",))
     if prompts.listwise_liked >= prompts.listwise_candidates:
         raise RecRankerError(f"prompts.listwise_liked={prompts.listwise_liked}: expected fewer than "
                              f"prompts.listwise_candidates={prompts.listwise_candidates}")
@@ -173,8 +241,27 @@ def check_lora(rank: Any, alpha: float, dropout: float) -> None:
         raise RecRankerError(f"LoRA dropout={dropout!r}: expected a rate in [0, 1)")
 
 
+def check_model(model: Any) -> None:
+    """The sizes of a model trained from scratch (a checkpoint brings its own): positive, and the
+    heads dividing the hidden size, the key-value heads dividing the heads."""
+    _positive("model", model, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "num_key_value_heads"))
+    if model.rope_theta <= 0:
+        raise RecRankerError(f"model.rope_theta={model.rope_theta}: expected a positive number")
+    if model.checkpoint is None and model.hidden_size % model.num_attention_heads:
+        raise RecRankerError(f"model.num_attention_heads={model.num_attention_heads}: expected a divisor of "
+                             f"model.hidden_size={model.hidden_size}")
+    if model.checkpoint is None and model.num_attention_heads % model.num_key_value_heads:
+        raise RecRankerError(f"model.num_key_value_heads={model.num_key_value_heads}: expected a divisor of "
+                             f"model.num_attention_heads={model.num_attention_heads}")
+
+
 def check_train(cfg: Any) -> None:
     _positive("train", cfg.train, ("seq_len", "batch_size", "steps", "save_every", "accumulation"))
+    _non_negative("train", cfg.train, ("warmup_steps", "weight_decay"))
+    _learning_rates("train", cfg.train)
+    if cfg.train.clip_norm <= 0:
+        raise RecRankerError(f"train.clip_norm={cfg.train.clip_norm}: expected a positive gradient norm")
     if cfg.model.checkpoint and not cfg.prompts.tokenizer:
         raise RecRankerError("model.checkpoint is set: set prompts.tokenizer to the same folder so prompts are "
                              "tokenised with the checkpoint's own tokenizer")
@@ -187,6 +274,8 @@ def check_train(cfg: Any) -> None:
 def check_pretrain(cfg: Any) -> None:
     p = cfg.pretrain
     _positive("pretrain", p, ("steps", "batch_size", "stride_items"))
+    _non_negative("pretrain", p, ("warmup_steps",))
+    _learning_rates("pretrain", p)
     if p.window_items < 2:
         raise RecRankerError(f"pretrain.window_items={p.window_items}: expected at least 2 (an item and its successor)")
     if p.stride_items > p.window_items:
@@ -211,6 +300,7 @@ def check_rank(cfg: Any) -> None:
     if not r.splits or any(s not in RANK_SPLITS for s in r.splits):
         raise RecRankerError(f"rank.splits={r.splits}: expected a non-empty subset of test, valid")
     _positive("rank", r, ("batch_size", "list_positions", "generate_tokens"))
+    _non_negative("rank", r, ("bootstrap",))
     if r.sample_users is not None and r.sample_users < 1:
         raise RecRankerError(f"rank.sample_users={r.sample_users}: expected a positive number of users, or null for all")
     if not r.ks or min(r.ks) < 1 or max(r.ks) > cfg.retrieval.candidates:
@@ -251,6 +341,52 @@ def check_paths(cfg: Any, stages: Sequence[str]) -> None:
                 raise RecRankerError(f"{dotted}={value}: no such file or folder")
             if path.suffix == ".gguf":
                 require_gguf(f"{dotted}={value}")
+            elif path.is_dir():
+                check_model_folder(dotted, value, path)
+
+
+# What a folder must hold to be read as a model (Hugging Face LLaMA) or as a tokenizer.
+MODEL_FILES = ("config.json", "*.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_folder(dotted: str, value: str, path: Path) -> None:
+    """A model.checkpoint folder holds config.json and safetensors weights; a prompts.tokenizer
+    folder holds a tokenizer file: said in one line before any stage runs, not after the data
+    and retrieval stages."""
+    if dotted == "model.checkpoint":
+        missing = [pattern for pattern in MODEL_FILES if not any(path.glob(pattern))]
+        if missing:
+            raise RecRankerError(f"{dotted}={value}: the folder has no {' and no '.join(missing)}; expected a Hugging "
+                                 "Face LLaMA checkpoint folder (config.json and model*.safetensors) or a .gguf file")
+    elif dotted == "prompts.tokenizer" and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise RecRankerError(f"{dotted}={value}: the folder holds no tokenizer ({', '.join(TOKENIZER_FILES)}); expected "
+                             "the checkpoint's folder, a tokenizer folder or a .gguf file")
+
+
+# ----------------------------------------------------------------------------- sizes that cannot fit
+
+def check_fits(key: str, value: int, per_unit: float, fixed: float, capacity: int | None, what: str,
+               where: str) -> None:
+    """The one rule for sizes, checked before the allocation: `what` needs at least
+    `fixed + value * per_unit` bytes (a lower bound: the estimate never refuses what would fit),
+    which must not exceed `capacity` (`where` names it). Else one line naming the setting `key`
+    and its largest workable value (nothing when capacity is unknown)."""
+    needed = fixed + value * per_unit
+    if capacity is None or needed <= capacity:
+        return
+    largest = int((capacity - fixed) // per_unit) if capacity > fixed else 0
+    advice = (f"the largest workable {key} is at most about {largest:,}" if largest >= 1 else
+              f"even {key}=1 does not fit (the rest of the setup needs {_size(fixed)})")
+    raise RecRankerError(f"{key}={value}: {what} needs at least {_size(needed)}, more than {where} "
+                         f"({_size(capacity)}); {advice}")
+
+
+def _size(count: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count / 1e3:,.1f} kB"
 
 
 # ----------------------------------------------------------------------------- the mesh
@@ -303,6 +439,7 @@ def check_batch(key: str, batch_size: int, rules: Mapping[str, Sequence[str]], s
 
 def check_config(cfg: Any) -> None:
     """Every static check of a whole config (`Config.validate`)."""
+    check_finite(cfg)
     check_run(cfg.run)
     check_data(cfg.data)
     check_mesh(cfg.mesh.shape, cfg.mesh.axes, cfg.mesh.rules)
@@ -310,5 +447,6 @@ def check_config(cfg: Any) -> None:
     check_sampling(cfg.sampling)
     check_prompts(cfg)
     check_pretrain(cfg)
+    check_model(cfg.model)
     check_train(cfg)
     check_rank(cfg)

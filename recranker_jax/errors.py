@@ -13,6 +13,11 @@ class RecRankerError(Exception):
 
 
 class Interrupted(RecRankerError):
-    """The user stopped a stage (Ctrl-C or SIGTERM); what it had saved is kept and it resumes."""
+    """The user stopped a stage (Ctrl-C or SIGTERM); what it had saved is kept and it resumes.
+    Exit code 130 for Ctrl-C, 143 for SIGTERM (128 + the signal's number)."""
 
     exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -78,6 +78,43 @@ def device_memory_bytes(device: Any) -> int | None:
     return None if chip is None else chip[3]
 
 
+def host_memory_available() -> int | None:
+    """Bytes of memory this host can still give a process (MemAvailable of /proc/meminfo; else
+    its physical memory), or None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def memory_capacity(device: Any = None) -> tuple[int | None, str]:
+    """(bytes one device can hold, what that is, for messages): an accelerator's allocator limit
+    (`memory_stats()["bytes_limit"]`, else its chip's HBM); on the CPU the host's free memory."""
+    import jax
+
+    device = device if device is not None else jax.devices()[0]
+    if device.platform == "cpu":
+        return host_memory_available(), "this host's free memory"
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        limit = None
+    return limit or device_memory_bytes(device), f"the memory of one {_kind(device) or device.platform}"
+
+
+def memory_spread(mesh: Any) -> int:
+    """Over how many memories the mesh's arrays can spread: its devices, or 1 on the CPU (the
+    host's CPU devices share its memory)."""
+    return 1 if mesh.devices.flat[0].platform == "cpu" else int(mesh.devices.size)
+
+
 def matmul_parameters(llama_config: Any) -> int:
     """Weights that take part in a matmul per token: every projection of every layer and the
     output head (the tied embedding counts once, as the head; the embedding lookup is no matmul)."""

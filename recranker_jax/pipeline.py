@@ -30,19 +30,23 @@ them late) is RECRANKER_FS_WAIT_S seconds, default 30.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from recranker_jax import __version__
-from recranker_jax.config import Config, dump_config, fingerprint
+import yaml
+
+from recranker_jax import __version__, run_lock, signals
+from recranker_jax.config import COMMAND_SETTINGS, Config, dump_config, fingerprint
 from recranker_jax.config_checks import check_paths
 from recranker_jax.data.sources import default_thresholds, load_source
 from recranker_jax.data.split import format_stats, split_interactions, write_split
@@ -268,8 +272,9 @@ def build_cached(folder: Path, key: str, build: Callable[[Path], Any], config: d
     partial.mkdir(parents=True)
     started = time.time()
     try:
-        build(partial)
-        write_marker(partial, key, time.time() - started, __version__, config or {}, inputs)
+        with signals.cleanup(lambda: shutil.rmtree(partial, ignore_errors=True)):  # a stop that cannot wait
+            build(partial)
+            write_marker(partial, key, time.time() - started, __version__, config or {}, inputs)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -367,7 +372,7 @@ def _build_stage(cfg: Config, stage: Stage, progress: bool) -> tuple[Path, bool]
     run_folder = RunFolder.of(cfg)
     run_folder.path.mkdir(parents=True, exist_ok=True)
     folder, cached = build_cached(run_folder.stage(stage.name), cache_key(cfg, stage.name),
-                                  lambda out: stage.build(cfg, run_folder, out, progress), cfg.to_dict(),
+                                  lambda out: stage.build(cfg, run_folder, out, progress), cfg.recorded(),
                                   upstream_digests(cfg, stage.name))
     if not cached:  # the config in the run folder is the one that built what is there
         run_folder.config.write_text(dump_config(cfg))
@@ -387,17 +392,138 @@ def _drop_checkpoints(folder: Path, keep_last: bool) -> None:
         shutil.rmtree(step, ignore_errors=True)
 
 
-def run(cfg: Config, name: str, progress: bool = True) -> tuple[Path, bool]:
-    """Stage `name` of the run (and, first, every unfinished stage before it); returns
-    (its folder, whether it was cached). The config's paths of the stages still to run are
-    checked before any runs."""
+def chain_of(name: str) -> list[str]:
+    """Stage `name` and every stage it reads, directly or not, in pipeline order."""
     chain = [name]
     while STAGES[chain[-1]].upstream:
         chain.append(STAGES[chain[-1]].upstream)
-    check_shared_root(cfg)
+    return chain[::-1]
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _covered(dotted: str, sections: set[str]) -> bool:
+    """Whether a dotted config key is one of these cache-key sections (or inside one), and not
+    a setting of how the model runs or of one command."""
+    section, _, rest = dotted.partition(".")
+    field = rest.split(".", 1)[0]
+    if field in EXECUTION_SETTINGS.get(section, ()) or field in COMMAND_SETTINGS.get(section, ()):
+        return False
+    return any(dotted == s or dotted.startswith(s + ".") for s in sections)
+
+
+def setting_changes(recorded: dict, cfg: Config, name: str) -> list[str]:
+    """`key: old -> new` for each setting of stage `name`'s cache key (its sections and every
+    upstream stage's) where the config that built it (`recorded`) and `cfg` differ."""
+    sections = {s for stage in chain_of(name) for s in STAGES[stage].key_sections}
+    old, new = _flat(recorded), _flat(cfg.recorded())
+    return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+            for key in sorted(set(old) | set(new), key=lambda k: (list(new).index(k) if k in new else len(new), k))
+            if _covered(key, sections) and old.get(key) != new.get(key)]
+
+
+def replacement(cfg: Config, chain: list[str]) -> str | None:
+    """The one line refusing a command that would replace a finished stage of the run built with
+    other settings (None when it replaces none, or `run.rebuild` allows it). A damaged stage, or
+    one whose upstream output changed, is repaired, not replaced: not refused."""
+    if cfg.run.rebuild:
+        return None
     run_folder = RunFolder.of(cfg)
-    check_paths(cfg, [s for s in chain if finished_key(run_folder.stage(s)) != cache_key(cfg, s)])
-    return _run(cfg, name, progress)
+    replaced = [s for s in chain if (marker := read_marker(run_folder.stage(s))) is not None
+                and marker.get("key") != cache_key(cfg, s)]
+    if not replaced:
+        return None
+    first = replaced[0]
+    marker = read_marker(run_folder.stage(first)) or {}
+    changes = setting_changes(marker.get("config", {}), cfg, first)
+    shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+    if not shown:
+        shown = f"no recorded setting differs (it was built by recranker-jax {marker.get('version', 'unknown')})"
+    more = f" (and the finished {', '.join(replaced[1:])} after it)" if len(replaced) > 1 else ""
+    return (f"run {run_folder.path}: the {first} stage finished with other settings{more}; this command would replace "
+            f"it. Settings that differ: {shown}. To keep it, use another run.name; to replace it, add --rebuild "
+            "(or run.rebuild=true)")
+
+
+def _primary() -> bool:
+    """Whether this is the process that writes the run's files (the only one, or process 0),
+    without starting a backend when there is only one."""
+    import jax
+
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def writing(cfg: Config) -> Iterator[None]:
+    """The run's lock (run_lock.py) for a command that writes into it: process 0 takes it and
+    the others follow its answer, so all stop with the same line when another command holds it."""
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if _primary():
+            try:
+                stack.enter_context(run_lock.hold(RunFolder.of(cfg).path))
+            except RecRankerError as err:
+                problem = err
+        if several_processes():
+            from recranker_jax.parallel import broadcast_text
+
+            text = broadcast_text("the run lock", None if problem is None else str(problem))
+            problem = problem or (RecRankerError(text) if text else None)
+        if problem is not None:
+            raise problem
+        yield
+
+
+def run(cfg: Config, name: str, progress: bool = True) -> tuple[Path, bool]:
+    """Stage `name` of the run (and, first, every unfinished stage before it); returns
+    (its folder, whether it was cached). Under the run's lock, before any stage runs: the
+    config's paths of the stages still to run are checked, and a finished stage that the
+    config would replace stops the command (`replacement`)."""
+    chain = chain_of(name)
+    check_shared_root(cfg)
+    with writing(cfg):
+        run_folder = RunFolder.of(cfg)  # the later stages' paths first: those are the costly ones to reach
+        check_paths(cfg, [s for s in chain[::-1] if finished_key(run_folder.stage(s)) != cache_key(cfg, s)])
+        refusal = replacement(cfg, chain) if _primary() else None
+        if several_processes():
+            from recranker_jax.parallel import broadcast_text
+
+            refusal = broadcast_text("the replacement check", refusal) or None
+        if refusal:
+            raise RecRankerError(refusal)
+        return _run(cfg, name, progress)
+
+
+def reusable(cfg: Config, name: str) -> bool:
+    """Whether stage `name` and every stage it reads are finished, whole, for this config."""
+    run_folder = RunFolder.of(cfg)
+    return all(stale(run_folder.stage(s), cache_key(cfg, s), upstream_digests(cfg, s)) is None for s in chain_of(name))
+
+
+@contextlib.contextmanager
+def look(cfg: Config, name: str, progress: bool = True, note: bool = False) -> Iterator[Config]:
+    """For a command that only looks (`data stats`, `bench`): a config whose run folder holds
+    stage `name` finished for it, and writes nothing into run.root. That is the run itself when
+    the stage and those it reads are finished and whole for this config; else a temporary run
+    folder elsewhere where they are built, removed after the block (`note`: say so on stderr)."""
+    if reusable(cfg, name):
+        yield cfg
+        return
+    if note:
+        print(f"recranker: {RunFolder.of(cfg).path} has no finished {name} stage for this config; building the stages "
+              f"it needs in a temporary folder (nothing is written into run.root={cfg.run.root}; run `recranker "
+              f"{name}` first to keep them)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="recranker-look-") as scratch:
+        scratch_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, root=scratch))
+        run(scratch_cfg, name, progress)
+        yield scratch_cfg
 
 
 def _run(cfg: Config, name: str, progress: bool) -> tuple[Path, bool]:
@@ -423,9 +549,10 @@ def _process_zero_stage(cfg: Config, stage: Stage) -> tuple[Path, bool]:
         folder.parent.mkdir(parents=True, exist_ok=True)
         host = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, shape=[-1] + [1] * (len(cfg.mesh.axes) - 1)))
         config_file = folder.parent / f".{stage.name}-child.yaml"
-        config_file.write_text(dump_config(host))
+        config_file.write_text(yaml.safe_dump(host.to_dict(), sort_keys=False))  # run.rebuild included
         command = [sys.executable, "-m", "recranker_jax.pipeline", stage.name, str(config_file)]
-        env = {**os.environ, "RECRANKER_DISTRIBUTED": "off", "JAX_PLATFORMS": "cpu"}
+        env = {**os.environ, "RECRANKER_DISTRIBUTED": "off", "JAX_PLATFORMS": "cpu",
+               **run_lock.child_environment(RunFolder.of(cfg).path)}  # it works under this process's lock
         code = subprocess.run(command, check=False, env=env, stdout=subprocess.DEVNULL).returncode
         config_file.unlink()
         if code:

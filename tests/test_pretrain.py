@@ -65,13 +65,13 @@ def test_pretrain_trains_the_model_the_finetune_starts_from(tmp_path, capsys):
     assert pretrained.keys() == tuned.keys() and all(np.array_equal(pretrained[k], tuned[k]) for k in pretrained)
     assert not (run / "finetune" / "train_log.jsonl").exists()
 
-    assert main(["finetune", *root, "train.steps=2"]) == 0  # instruction tuning moves every weight from there
+    assert main(["finetune", "--rebuild", *root, "train.steps=2"]) == 0  # instruction tuning moves every weight
     assert "[finetune] done" in capsys.readouterr().out
     assert json.loads((run / "finetune" / "summary.json").read_text())["pretrained"]
     tuned = load_file(run / "finetune" / "model" / "model.safetensors")
     assert not np.array_equal(pretrained["model.embed_tokens.weight"], tuned["model.embed_tokens.weight"])
 
-    assert main(["pretrain", *root, "pretrain.enabled=false"]) == 0
+    assert main(["pretrain", *root, "pretrain.enabled=false", "run.rebuild=true"]) == 0
     assert "[pretrain] done: off" in capsys.readouterr().out
     assert not (run / "pretrain" / "model").exists()
 

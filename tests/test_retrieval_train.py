@@ -164,5 +164,5 @@ def test_retrieval_command_writes_metrics_and_candidates(tmp_path, capsys):
     assert len(planted_valid.merge(valid[["user_id", "item_id"]], on=["user_id", "item_id"])) == 664
     assert main(["retrieval", *args]) == 0
     assert "[retrieval] cached" in capsys.readouterr().out
-    assert main(["retrieval", *args, "retrieval.candidates=100000"]) == 2
+    assert main(["retrieval", "--rebuild", *args, "retrieval.candidates=100000"]) == 2
     assert "retrieval.candidates=100000 is larger than the catalogue (9066 items)" in capsys.readouterr().err

@@ -200,3 +200,17 @@ def test_the_persistent_compilation_cache_lives_in_run_root_and_is_off_on_the_cp
         assert jax.config.jax_compilation_cache_dir == str(folder)
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_checkpoints_before_it(tmp_path):
+    from recranker_jax.train.loop import train
+
+    rows = pack(examples(30, seed=5), 32)
+    model = Llama(CFG, nnx.Rngs(1))
+    optimizer = nnx.Optimizer(model, make_optimizer(1e30, 0, 20), wrt=nnx.Param)  # step 2's update overflows
+    with pytest.raises(RecRankerError) as err:
+        train(model, optimizer, rows, batch_size=4, steps=20, seed=0, checkpoint_dir=tmp_path, save_every=1,
+              progress=False, diverged_hint="train.lr=1e+30")
+    assert str(err.value) == ("finetune: the loss is nan at step 3: training diverged and stopped, not marked done; its "
+                              "checkpoint of step 1 is kept; lower the learning rate (train.lr=1e+30)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]  # step 2's weights gave the nan: removed

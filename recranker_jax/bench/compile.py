@@ -39,7 +39,7 @@ def bench_compile(cfg: Config, preset: str = "7b-lora", scan_layers: bool = True
     from recranker_jax.train.aot import abstract_step_inputs
     from recranker_jax.train.step import jitted_train_step
 
-    problem = problem_from_config(cfg, preset)
+    problem = problem_from_config(cfg, preset, command="bench compile")
     if layers is not None:
         if layers < 1:
             raise RecRankerError(f"bench compile: --layers {layers}: expected a positive integer")

@@ -73,15 +73,9 @@ def check_arguments(users: int, repeats: int, preset: str, layers: int | None) -
         raise RecRankerError(f"--layers {layers}: expected a positive integer, with a random preset ({', '.join(PRESETS)})")
 
 
-def run_stages(cfg: Config, preset: str):
-    """The stages the preset needs (run: up to finetune; random weights: up to instructions);
-    returns the finetune folder, or None."""
-    from recranker_jax.pipeline import run
-
-    if preset == "run":
-        return run(cfg, "finetune")[0]
-    run(cfg, "instructions")
-    return None
+def needed_stage(preset: str) -> str:
+    """The last stage the preset needs (run: the tuned model; random weights: the prompts)."""
+    return "finetune" if preset == "run" else "instructions"
 
 
 def random_llama(cfg: Config, shape: dict, vocab_size: int):
@@ -330,14 +324,23 @@ def rank_results(timings: dict, torch_seconds: dict | None, items: int) -> dict[
 
 def bench_rank(cfg: Config, users: int = 32, repeats: int = 1, preset: str = "run", layers: int | None = None,
                compare_torch: bool = True) -> dict:
+    """Seconds per scored candidate on the run's stages (the preset's: `needed_stage`), reusing
+    them when finished for this config, else building them in a temporary folder."""
+    from recranker_jax.pipeline import look
+
+    check_arguments(users, repeats, preset, layers)
+    with look(cfg, needed_stage(preset), note=True) as looked:  # a benchmark writes nothing into runs/
+        return _bench_rank(looked, users, repeats, preset, layers, compare_torch)
+
+
+def _bench_rank(cfg: Config, users: int, repeats: int, preset: str, layers: int | None, compare_torch: bool) -> dict:
     from recranker_jax.hardware import environment
     from recranker_jax.data.split import load_split
     from recranker_jax.run import RunFolder, read_candidates
     from recranker_jax.rank.stage import read_prompts
 
-    check_arguments(users, repeats, preset, layers)
-    finetune_dir = run_stages(cfg, preset)
     run = RunFolder.of(cfg)
+    finetune_dir = run.finetune.path if preset == "run" else None
     data = load_split(run.data.path)
     candidates = read_candidates(run.retrieval.candidates("test"), data)
     prompts = read_prompts(run.instructions.prompts("test"), data, candidates)

@@ -201,24 +201,27 @@ def _variant_main(argv: list[str]) -> None:
 def bench_retrieval(cfg: Config, repeats: int = 3, variants: tuple[str, ...] | None = None, model: str = "lightgcn") -> dict:
     """Run every variant of `model` (default: all of them) in a subprocess on the config's split;
     returns the results document."""
-    from recranker_jax.pipeline import run
+    from recranker_jax.pipeline import look
+    from recranker_jax.run import RunFolder
 
     if model not in MODEL_VARIANTS:
         raise RecRankerError(f"bench retrieval: unknown model {model!r}; expected one of {', '.join(MODEL_VARIANTS)}")
     variants = MODEL_VARIANTS[model] if variants is None else variants
 
-    data_dir, _ = run(cfg, "data")
-    meta = read_json(DataFolder(data_dir).meta)
     cfg_json = json.dumps(dataclasses.asdict(cfg.retrieval))
     results = {}
-    for variant in variants:
-        command = [sys.executable, "-m", "recranker_jax.bench.retrieval", variant, str(data_dir), cfg_json, str(repeats), str(cfg.run.seed)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RecRankerError(f"bench retrieval: variant {variant} failed: {last}")
-        results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
+    with look(cfg, "data", note=True) as looked:  # a benchmark writes nothing into runs/
+        data_dir = RunFolder.of(looked).data.path
+        meta = read_json(DataFolder(data_dir).meta)
+        for variant in variants:
+            command = [sys.executable, "-m", "recranker_jax.bench.retrieval", variant, str(data_dir), cfg_json,
+                       str(repeats), str(cfg.run.seed)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RecRankerError(f"bench retrieval: variant {variant} failed: {last}")
+            results[variant] = json.loads(lines[-1].removeprefix("RESULT "))
     from recranker_jax.hardware import environment
 
     problem = {"model": model, "source": meta["source"], "users": meta["users_kept"], "items": meta["items"],

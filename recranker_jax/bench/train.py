@@ -119,9 +119,10 @@ EXAMPLE_TOKENS, ANSWER_TOKENS = 384, 32
 
 # ----------------------------------------------------------------------------- the problem
 
-def problem_from_config(cfg: Config, preset: str = "quickstart", remat: str | None = None) -> dict:
+def problem_from_config(cfg: Config, preset: str = "quickstart", remat: str | None = None,
+                        command: str = "bench train") -> dict:
     """The benchmark problem (a JSON-able dict): a preset, or `config` (the run config's sizes);
-    `remat` overrides its JAX remat policy."""
+    `remat` overrides its JAX remat policy; `command` names the benchmark in errors."""
     if preset in PRESETS:
         # a preset fixes the problem; the attention kernel is how it runs (model.attention)
         problem = {**PRESETS[preset], "attention": cfg.model.attention}
@@ -144,17 +145,17 @@ def problem_from_config(cfg: Config, preset: str = "quickstart", remat: str | No
                    "weight_decay": t.weight_decay, "clip_norm": t.clip_norm, "seed": cfg.run.seed, "loss": "all",
                    "scan_layers": m.scan_layers, "attention": m.attention}
     else:
-        raise RecRankerError(f"bench train: preset {preset!r}: expected one of {', '.join([*PRESETS, 'config'])}")
+        raise RecRankerError(f"{command}: --preset {preset!r}: expected one of {', '.join([*PRESETS, 'config'])}")
     if remat is not None:
         from recranker_jax.llm.remat import POLICIES
 
         if remat not in POLICIES:
-            raise RecRankerError(f"bench train: --remat {remat!r}: expected one of {', '.join(POLICIES)}")
+            raise RecRankerError(f"{command}: --remat {remat!r}: expected one of {', '.join(POLICIES)}")
         problem["remat"] = remat
     problem["max_position_embeddings"] = max(problem.get("max_position_embeddings") or 0, problem["seq_len"])
     for key in ("vocab_size", "seq_len", "batch_size"):
         if problem[key] < 2:
-            raise RecRankerError(f"bench train: {key}={problem[key]} is too small (expected at least 2)")
+            raise RecRankerError(f"{command}: {key}={problem[key]} is too small (expected at least 2)")
     return problem
 
 

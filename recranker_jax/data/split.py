@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recranker_jax.config_checks import check_min_likes
 from recranker_jax.data.table import Interactions
 from recranker_jax.errors import RecRankerError
 from recranker_jax.run import DataFolder, read_json, write_json
@@ -73,10 +74,7 @@ def split_interactions(
             f"data.dislike_threshold={dislike_threshold} and data.like_threshold={like_threshold}: "
             f"expected {low} <= dislike < like <= {high} on the {interactions.name} scale"
         )
-    if min_likes < 3:
-        raise RecRankerError(
-            f"data.min_likes={min_likes}: expected >= 3 (a test, a validation and a training like)"
-        )
+    check_min_likes(min_likes)
     ordered = interactions.ratings.sort_values(["user", "timestamp", "order"], kind="stable")
     ordered = ordered.reset_index(drop=True)
     is_like = (ordered["rating"] >= like_threshold).to_numpy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from recranker_jax.config import Config
@@ -33,6 +34,7 @@ class Ranker:
         self.generate_mode = cfg.rank.mode == "generate"
         self.generate_tokens = {"pointwise": 8, "pairwise": 8, "listwise": cfg.rank.generate_tokens}
         self.eos = tokenizer.eos_token_id
+        check_batches_fit(cfg, model)
 
     def _generate(self, task: str, records: list[dict]) -> list[str]:
         ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
@@ -89,6 +91,25 @@ class Ranker:
                   for r in records]
         positions = scorers.listwise_rankings(self.model, contexts, pieces, top, self.batch)
         return [positions[u, : len(r["_items"])] for u, r in enumerate(records)], 0.0
+
+
+def check_batches_fit(cfg: Config, model: Llama) -> None:
+    """Before scoring: a batch of rank.batch_size prompts of prompts.max_tokens tokens (4 times
+    the rows when generating) fits the host as arrays (token ids, mask, positions: 9 bytes a
+    token) and one device as the model's key-value cache (the model ranks on one device)."""
+    from recranker_jax.config_checks import check_fits
+    from recranker_jax.hardware import host_memory_available, memory_capacity
+
+    c, r = model.config, cfg.rank
+    rows_per_batch = 4 if r.mode == "generate" else 1
+    width = cfg.prompts.max_tokens + (r.generate_tokens if r.mode == "generate" else 0)
+    what = f"one rank batch of prompts of up to {width:,} tokens"
+    check_fits("rank.batch_size", r.batch_size, rows_per_batch * width * 9, 0, host_memory_available(), what,
+               "this host's free memory")
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_size * jnp.dtype(model.dtype).itemsize
+    capacity, where = memory_capacity()
+    check_fits("rank.batch_size", r.batch_size, rows_per_batch * width * kv_per_token, 0, capacity,
+               f"{what} as the model's key-value cache", where)
 
 
 def load_ranker(cfg: Config, data: SplitData, instructions_dir: Path, finetune_dir: Path | None,

@@ -329,7 +329,7 @@ def fit_sasrec(data: SplitData, settings: SASRecSettings, mesh: Mesh | None = No
         name="sasrec", model=problem.model, loss=problem.loss, tx=optax.adam(settings.lr),
         epoch_batches=problem.epoch_batches, validate=validate, epochs=settings.epochs,
         eval_every=settings.eval_every, patience=settings.patience, checkpoint_dir=checkpoint_dir,
-        batch_sharding=problem.shard_batches, progress=progress,
+        batch_sharding=problem.shard_batches, progress=progress, lr_key="retrieval.sequence.lr", lr=settings.lr,
     )
     return best, {"records": records, "best_epoch": best_epoch, "best_score": best_score, "stats": problem.stats}
 

@@ -83,6 +83,30 @@ def sampled_candidates(scorer: Scorer, data: SplitData, split: str, k: int, seed
     return in_score_order(items, scores)
 
 
+# The embedding tables of each built-in model: its dimension's config key and the rows it trains
+# (users and items, or items only: SASRec reads the user from the sequence).
+TABLES = {"lightgcn": ("retrieval.dim", True), "mf": ("retrieval.dim", True),
+          "explicit_mf": ("retrieval.explicit_mf.dim", True), "sasrec": ("retrieval.sequence.dim", False)}
+
+
+def check_tables_fit(cfg: Config, data, mesh) -> None:
+    """Before training: each model's embedding tables, with Adam's two moments and the
+    gradients (16 bytes per float32 entry, spread over every device), fit one device."""
+    from recranker_jax.config_checks import check_fits
+    from recranker_jax.hardware import memory_capacity, memory_spread
+
+    capacity, where = memory_capacity(mesh.devices.flat[0])
+    for name in cfg.retrieval.models:
+        if name not in TABLES:
+            continue
+        key, with_users = TABLES[name]
+        dim = {"retrieval.dim": cfg.retrieval.dim, "retrieval.explicit_mf.dim": cfg.retrieval.explicit_mf.dim,
+               "retrieval.sequence.dim": cfg.retrieval.sequence.dim}[key]
+        rows = data.n_items + (data.n_users if with_users else 0)
+        check_fits(key, dim, 16 * rows / memory_spread(mesh), 0, capacity,
+                   f"training {name}'s embedding tables ({rows:,} rows, with Adam's state)", where)
+
+
 def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Path, progress: bool = True) -> dict:
     """Train, evaluate and export every model of cfg.retrieval.models; returns metrics.json's content."""
     retrieval, folder = cfg.retrieval, RetrievalFolder(out)
@@ -93,6 +117,7 @@ def build_retrieval(cfg: Config, data_dir: Path, out: Path, checkpoint_root: Pat
         )
     exclusions(data, "test")  # fails early, with the user's id, if someone rated the whole catalogue
     mesh = make_mesh(cfg.mesh)
+    check_tables_fit(cfg, data, mesh)
     metrics: dict[str, dict] = {}
     history: dict[str, list] = {}
     fitted: dict[str, Fitted] = {}

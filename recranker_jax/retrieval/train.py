@@ -118,11 +118,15 @@ def fit(
     checkpoint_dir: Path | None,
     batch_sharding: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]] = lambda b: b,
     progress: bool = True,
+    lr_key: str = "retrieval.lr",
+    lr: float | None = None,
 ) -> tuple[nnx.Module, int, float, list[dict[str, float]]]:
     """Train `model` in place with early stopping; returns (best model, best epoch, score, history).
 
     `validate` returns (score to maximise, metrics to log). With a checkpoint_dir,
-    state is saved after every validation and the latest is restored first.
+    state is saved after every validation and the latest is restored first. A non-finite
+    epoch loss stops training with a RecRankerError naming the epoch and the learning rate
+    setting (`lr_key`=`lr`); the checkpoints before the epoch that gave it are kept.
     """
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = tx.init(params)
@@ -149,6 +153,20 @@ def fit(
         epoch = int(state["epoch"])
         params, opt_state, mean_loss = run_epoch(params, opt_state, batch_sharding(epoch_batches(epoch)))
         epoch += 1
+        if not math.isfinite(float(mean_loss)):
+            kept = None
+            if manager is not None:  # the state saved after epoch - 1 may already give it: dropped
+                for saved in sorted(manager.all_steps()):
+                    if saved >= epoch - 1:
+                        manager.delete(saved)
+                    else:
+                        kept = saved
+                manager.close()
+            bar.close()
+            where = f"its checkpoint of epoch {kept} is kept" if kept is not None else "it kept no checkpoint"
+            raise RecRankerError(f"{name}: the mean loss of epoch {epoch} is {float(mean_loss)}: training diverged and "
+                                 f"stopped, not marked done; {where}; lower the learning rate"
+                                 + (f" ({lr_key}={lr})" if lr is not None else f" ({lr_key})"))
         state.update(params=params, opt_state=opt_state, epoch=epoch)
         bar.update(1)
         if epoch % eval_every == 0 or epoch == epochs:
@@ -271,6 +289,7 @@ def train_bpr(
         name=name, model=problem.model, loss=problem.loss, tx=optax.adam(cfg.lr),
         epoch_batches=problem.epoch_batches, validate=validate, epochs=cfg.epochs, eval_every=cfg.eval_every,
         patience=cfg.patience, checkpoint_dir=checkpoint_dir, progress=progress, batch_sharding=problem.shard_batches,
+        lr_key="retrieval.lr", lr=cfg.lr,
     )
     return FitResult(problem.scorer_of(best), best_epoch, best_score, history, nnx.state(best, nnx.Param))
 
@@ -310,7 +329,7 @@ def train_explicit_mf(
     best, best_epoch, best_score, history = fit(
         name="explicit_mf", model=model, loss=loss, tx=optax.adam(cfg.lr), epoch_batches=epoch_batches,
         validate=validate, epochs=cfg.epochs, eval_every=cfg.eval_every, patience=cfg.patience,
-        checkpoint_dir=checkpoint_dir, progress=progress,
+        checkpoint_dir=checkpoint_dir, progress=progress, lr_key="retrieval.explicit_mf.lr", lr=cfg.lr,
     )
     user_factors = np.concatenate([np.asarray(best.user_factors[...]), np.ones((data.n_users, 1), np.float32)], 1)
     item_factors = np.concatenate([np.asarray(best.item_factors[...]), np.asarray(best.item_bias[...])[:, None]], 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from recranker_jax import hardware
+from recranker_jax import hardware, signals
 from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.layout import checkpoint_layout
 from recranker_jax.parallel import place_batch, sharding_context
@@ -118,6 +119,7 @@ def train(
     peak_flops: float | None = None,
     schedule: Callable[[int], float] | None = None,
     desc: str = "finetune",
+    diverged_hint: str | None = None,
 ) -> tuple[list[StepLog], int]:
     """Run optimizer steps up to `steps` (continuing from the latest checkpoint if there is one).
 
@@ -125,6 +127,8 @@ def train(
     Ctrl-C (SIGINT; a second one stops at once) stopped the run (its checkpoint is saved; calling again resumes). `flops_per_token` (of
     the model, for training) and `peak_flops` (of all devices together) give the MFU;
     `schedule` (step -> learning rate) adds the learning rate to the logs; `desc` names the progress bar.
+    A non-finite loss stops training with a RecRankerError naming the step (`diverged`; `diverged_hint`:
+    the settings to lower, for the message); the checkpoints before it are kept.
     """
     manager = None
     start = 0
@@ -147,8 +151,9 @@ def train(
 
     def save(step: int) -> None:
         if manager is not None and manager.latest_step() != step:
-            manager.save(step, args=ocp.args.StandardSave(snapshot()))
-            manager.wait_until_finished()
+            with signals.saving():  # a stop waits for a checkpoint being written (signals.py)
+                manager.save(step, args=ocp.args.StandardSave(snapshot()))
+                manager.wait_until_finished()
 
     stop = {"requested": False}
 
@@ -180,6 +185,8 @@ def train(
                 loss = float(train_step(model, optimizer, batch))
             seconds = time.perf_counter() - started
             step += 1
+            if not math.isfinite(loss):
+                raise diverged(manager, step, loss, desc, diverged_hint)
             mfu = None
             if flops_per_token and peak_flops:
                 mfu = hardware.mfu(rows.tokens[index].size / seconds, flops_per_token, peak_flops)
@@ -201,3 +208,18 @@ def train(
         if manager is not None:
             manager.close()
     return logs, step
+
+
+def diverged(manager: ocp.CheckpointManager | None, step: int, loss: float, desc: str, hint: str | None) -> RecRankerError:
+    """The error of a non-finite loss at `step` (1-based): the checkpoints from step - 1 on hold
+    the weights that gave it and are removed; the earlier ones are kept."""
+    kept = None
+    if manager is not None:
+        for saved in sorted(manager.all_steps()):
+            if saved >= step - 1:
+                manager.delete(saved)
+            else:
+                kept = saved
+    where = (f"; its checkpoint of step {kept} is kept" if kept is not None else "; it kept no checkpoint")
+    return RecRankerError(f"{desc}: the loss is {loss} at step {step}: training diverged and stopped, not marked done"
+                          f"{where}; lower the learning rate{f' ({hint})' if hint else ''}")

@@ -77,6 +77,58 @@ def throughput_model(cfg: Config, model: Llama, mesh) -> dict:
             "peak_flops": peak * mesh.devices.size if peak else None}
 
 
+def check_host_arrays(cfg: Config, schedule: "Schedule", batch_key: str, tokens: int) -> None:
+    """Before packing: the packed rows (4 int32 arrays of rows x train.seq_len, at least
+    tokens / seq_len rows) and one training batch (4 int32 arrays of batch_size x seq_len, and
+    their gathered copy) fit the host's free memory (`config_checks.check_fits`)."""
+    from recranker_jax.config_checks import check_fits
+    from recranker_jax.hardware import host_memory_available
+
+    free, seq_len = host_memory_available(), cfg.train.seq_len
+    rows = max(-(-tokens // seq_len), 1)
+    check_fits("train.seq_len", seq_len, 16 * rows, 0, free, f"packing {tokens:,} tokens into rows of that length",
+               "this host's free memory")
+    what = f"one training batch ({batch_key}={schedule.batch_size:,} x train.seq_len={seq_len:,} tokens) on the host"
+    if _seq_len_named(seq_len, schedule.batch_size):
+        check_fits("train.seq_len", seq_len, 32 * schedule.batch_size, 0, free, what, "this host's free memory")
+    else:
+        check_fits(batch_key, schedule.batch_size, 32 * seq_len, 0, free, what, "this host's free memory")
+
+
+def _seq_len_named(seq_len: int, batch_size: int) -> bool:
+    """Of a batch_size x seq_len size that cannot fit, name train.seq_len (rather than the batch
+    size) when it is further above its default."""
+    from recranker_jax.config import TrainConfig
+
+    defaults = TrainConfig()
+    return seq_len / defaults.seq_len >= batch_size / defaults.batch_size
+
+
+def check_step_fits(cfg: Config, schedule: "Schedule", batch_key: str, model: Llama, wrt, mesh) -> None:
+    """Before the first step: a lower bound of one training step's memory per device (weights,
+    AdamW's moments and gradients of what trains, and each layer's input kept for the backward
+    pass, b x s x hidden, spread as evenly as the mesh could) fits one device (`hardware.memory_capacity`).
+    Names train.seq_len or the batch size, whichever is further above its default."""
+    from recranker_jax.config_checks import check_fits
+    from recranker_jax.hardware import memory_capacity, memory_spread
+
+    def nbytes(state) -> int:
+        return int(sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(state)))
+
+    devices = memory_spread(mesh)
+    weights = nbytes(nnx.state(model, nnx.Param))  # LoRA adapters included (LoRAParam is a Param)
+    trainable = int(sum(v.size for v in jax.tree.leaves(nnx.state(model, wrt))))
+    fixed = (weights + 12 * trainable) / devices
+    c, b, s = model.config, schedule.batch_size, cfg.train.seq_len
+    per_token = c.num_hidden_layers * c.hidden_size * jax.numpy.dtype(cfg.model.dtype).itemsize / devices
+    capacity, where = memory_capacity(mesh.devices.flat[0])
+    what = f"one {schedule.name} step ({batch_key}={b:,} x train.seq_len={s:,} tokens)"
+    if _seq_len_named(s, b):
+        check_fits("train.seq_len", s, b * per_token, fixed, capacity, what, where)
+    else:
+        check_fits(batch_key, b, s * per_token, fixed, capacity, what, where)
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """How long and how fast one training stage runs (train.* for the finetune, pretrain.* for
@@ -111,11 +163,12 @@ def tune(cfg: Config, schedule: Schedule, examples: list[tuple[np.ndarray, np.nd
     or a fresh model) for `schedule.steps` steps (none: the starting model as it is), then
     export it with its tokenizer to `model_dir` (LoRA merged; the adapter in PEFT format to
     `adapter_dir`). Returns the summary. Every process joins; process 0 writes the files."""
+    batch_key = f"{'pretrain' if schedule.name == 'pretrain' else 'train'}.batch_size"
+    check_host_arrays(cfg, schedule, batch_key, sum(len(ids) for ids, _ in examples))
     rows = pack(examples, cfg.train.seq_len)
     use_compilation_cache(cfg)
     mesh = make_mesh(cfg.mesh)
-    check_batch(f"{'pretrain' if schedule.name == 'pretrain' else 'train'}.batch_size", schedule.batch_size,
-                cfg.mesh.rules, dict(mesh.shape))
+    check_batch(batch_key, schedule.batch_size, cfg.mesh.rules, dict(mesh.shape))
     model = build_model(cfg, len(tokenizer), mesh, start)
     lora = cfg.train.lora
     wrt = nnx.Param
@@ -125,6 +178,7 @@ def tune(cfg: Config, schedule: Schedule, examples: list[tuple[np.ndarray, np.nd
         apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, nnx.Rngs(cfg.run.seed + 1))
         wrt = nnx.LoRAParam
     shard_model(model, mesh, cfg.mesh.rules)
+    check_step_fits(cfg, schedule, batch_key, model, wrt, mesh)
     t, s = cfg.train, schedule
     if s.steps:
         # train.remat auto on accelerators: the fastest policy the compiler fits (remembered with the checkpoints)
@@ -144,10 +198,13 @@ def tune(cfg: Config, schedule: Schedule, examples: list[tuple[np.ndarray, np.nd
                 if primary else None,
                 progress=progress and primary, schedule=learning_rate_schedule(s.lr, s.warmup_steps, s.steps),
                 desc=s.name, **throughput_model(cfg, model, mesh),
+                diverged_hint=f"{s.name if s.name == 'pretrain' else 'train'}.lr={s.lr}, with "
+                              f"{s.name if s.name == 'pretrain' else 'train'}.warmup_steps={s.warmup_steps} and "
+                              f"train.clip_norm={t.clip_norm}",
             )
-        if reached < s.steps:
-            raise Interrupted(f"{s.name} was interrupted (SIGTERM or Ctrl-C); run the same command again to resume "
-                              "from its checkpoint")
+        if reached < s.steps:  # exit 130 for SIGTERM too: every process of a multi-host run stops the same way
+            raise Interrupted(f"{s.name} was interrupted (SIGTERM or Ctrl-C) at step {reached}; run the same command "
+                              "again to resume from its checkpoint")
     if lora.enabled:
         from recranker_jax.llm.lora import export_peft, merge_lora
 
