@@ -172,3 +172,31 @@ def test_plan_for_an_accelerator_shows_the_compilers_figure_beside_its_own(tmp_p
     ratio = b["total"] / compiler["bytes_per_chip"]
     assert (f"the TPU compiler (v5litepod-8, remat dots): a total of {compiler['bytes_per_chip'] / GB:.2f} GB a chip "
             f"(fits; the plan is {ratio:.2f}x it)") in format_plan(plan)
+
+
+@needs_libtpu
+def test_the_finetune_on_an_accelerator_refuses_a_step_the_compiler_does_not_fit_before_it_runs(tmp_path):
+    # train.remat_choice.compiled_remat, which the finetune calls on accelerators, on a TPU chip's mesh
+    script = f"""
+import json
+from recranker_jax.compile import parse_accelerator, slice_devices, slice_mesh
+from recranker_jax.config import load_config
+from recranker_jax.errors import RecRankerError
+from recranker_jax.plan import resolve_architecture
+from recranker_jax.train.remat_choice import compiled_remat
+cfg = load_config({str(ROOT / "configs/llama2-7b-lora.yaml")!r}, ["mesh.shape=[1,1,1]", "train.batch_size=1",
+                  "train.remat=dots", "model.checkpoint=null", "prompts.tokenizer=null"])
+mesh = slice_mesh(cfg, slice_devices(parse_accelerator("v5litepod-1")))
+try:
+    compiled_remat(cfg, resolve_architecture(cfg, "llama2-7b")[0], mesh, None, {str(tmp_path)!r})
+except RecRankerError as error:
+    print(json.dumps(str(error)))
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    message = json.loads(done.stdout.strip().splitlines()[-1])
+    assert message.startswith("train.batch_size=1: the compiled training step needs ")
+    assert "GB a device, more than 14.96 GB of TPU v5 lite (train.remat=dots); even train.batch_size=1 (one row a " \
+           "batch shard) does not fit" in message
+    assert not (tmp_path / "remat.json").exists()  # nothing remembered for a step that does not fit

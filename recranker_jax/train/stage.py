@@ -32,7 +32,7 @@ from recranker_jax.parallel import is_primary, make_mesh
 from recranker_jax.prompts.tokenizer import encode_example, load_tokenizer
 from recranker_jax.train.loop import train
 from recranker_jax.train.packing import answer_capacity, pack
-from recranker_jax.train.remat_choice import auto_remat
+from recranker_jax.train.remat_choice import compiled_remat
 from recranker_jax.run import FinetuneFolder, InstructionsFolder, PretrainFolder, read_jsonl, write_json
 from recranker_jax.train.step import learning_rate_schedule, make_optimizer, shard_model, shard_optimizer
 
@@ -181,8 +181,9 @@ def tune(cfg: Config, schedule: Schedule, examples: list[tuple[np.ndarray, np.nd
     check_step_fits(cfg, schedule, batch_key, model, wrt, mesh)
     t, s = cfg.train, schedule
     if s.steps:
-        # train.remat auto on accelerators: the fastest policy the compiler fits (remembered with the checkpoints)
-        model.remat = auto_remat(cfg, model.config, mesh, answer_capacity(rows.loss_mask), checkpoint_dir) or model.remat
+        # on accelerators the compiler decides: auto's fastest policy that fits, or an over-size step refused
+        model.remat = compiled_remat(cfg, model.config, mesh, answer_capacity(rows.loss_mask), checkpoint_dir,
+                                     batch_key, schedule.batch_size) or model.remat
     logs, reached = [], 0
     primary = is_primary()  # with several processes all train and export; only process 0 writes files
     if s.steps:
