@@ -319,7 +319,7 @@ class Llama(nnx.Module):
         of the forward pass saving every layer's slice as a residual. (Scanned over as inputs,
         as `nnx.scan` does, the slices are saved: a second copy of the layers' weights; with
         it, the TPU compiler's temporaries for the 7B shapes on one v5e chip at 2048 tokens
-        grew 0.60 GB a layer under remat dots, without it 0.16 GB.) Adapters and other state
+        grew 0.54 GB a layer under remat dots, without it 0.16 GB.) Adapters and other state
         are scanned over as before; their updates (dropout's random counts) are written back."""
         graphdef, frozen, scanned = nnx.split(self.layers, _FROZEN, ...)
 
