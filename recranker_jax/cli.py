@@ -18,6 +18,7 @@ from pathlib import Path
 
 from recranker_jax import __version__
 from recranker_jax.config import load_config
+from recranker_jax.config_checks import parse_profile_steps
 from recranker_jax.errors import RecRankerError
 
 def _add_common(parser: argparse.ArgumentParser, default_config: str | None = None, required: bool = False) -> None:
@@ -37,6 +38,13 @@ def _add_rebuild(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rebuild", action="store_true",
                         help="replace finished stages built with other settings (run.rebuild=true); without it such "
                              "a command stops before any work and names the settings that differ")
+
+
+def _add_profile(parser: argparse.ArgumentParser, where: str) -> None:
+    """--profile START:STOP: a jax.profiler trace of those steps (counted from 1)."""
+    parser.add_argument("--profile", metavar="START:STOP",
+                        help=f"trace the steps START .. STOP-1 (counted from 1) with jax.profiler into {where}; "
+                             "open it with TensorBoard's profile plugin or XProf")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
             stage_parser = stages.add_parser(stage.name, help=text, description=text)
             _add_common(stage_parser, default_config="quickstart")
             _add_rebuild(stage_parser)
+            if stage.name in ("pretrain", "finetune"):
+                _add_profile(stage_parser, f"runs/<name>/{stage.name}/profile/ (train.profile_steps)")
 
     bench = stages.add_parser("bench", help="throughput benchmarks",
                               description="Throughput benchmarks, JAX against PyTorch where a counterpart exists.")
@@ -122,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="the JAX side's remat policy, overriding the preset's (auto, none, minimal, dots, full); "
                                   "PyTorch uses gradient checkpointing unless it resolves to none")
     bench_train.add_argument("--out", help="also write the results as JSON to this file")
+    _add_profile(bench_train, "runs/<name>/bench/train/profile/ (the JAX side; the untimed steps count first)")
     bench_compile = bench_commands.add_parser(
         "compile", help="the training step of a bench train preset lowered and compiled from abstract shapes: "
                         "program size, seconds, memory"
@@ -298,7 +309,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from recranker_jax.bench.train import bench_train, format_results
 
     doc = bench_train(load_config(args.config, args.overrides), repeats=args.repeats, preset=args.preset,
-                      warmup=args.warmup, compare_torch=not args.no_torch, cpus=args.cpus, remat=args.remat)
+                      warmup=args.warmup, compare_torch=not args.no_torch, cpus=args.cpus, remat=args.remat,
+                      profile=parse_profile_steps(args.profile) if args.profile else None)
     return _show_results(doc, format_results, args.out)
 
 
@@ -407,6 +419,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "rebuild", False):
         args.overrides = [*args.overrides, "run.rebuild=true"]
+    if getattr(args, "profile", None) and args.command in ("pretrain", "finetune"):
+        try:
+            start, stop = parse_profile_steps(args.profile)
+        except RecRankerError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+        args.overrides = [*args.overrides, f"train.profile_steps=[{start}, {stop}]"]
     action = (getattr(args, "data_command", None) or getattr(args, "bench_command", None)
               or getattr(args, "config_command", None))
     handler = COMMANDS.get((args.command, action), cmd_stage)  # the table's stages (parser choices)
