@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_compile.add_argument("--out", help="also write the results as JSON to this file")
     bench_compare = bench_commands.add_parser("compare", help="bench result files side by side, with ratios to the first")
     bench_compare.add_argument("files", nargs="+", metavar="RESULT.json", help="files written by recranker bench")
+    bench_compare.add_argument("--plot", metavar="PNG",
+                               help="where to write the plot (default: beside the first file, <stem>-compare.png)")
 
     plan = stages.add_parser("plan", help="bytes per device of a finetune config on a mesh (abstract shapes, no weights)")
     _add_common(plan)
@@ -287,13 +289,16 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
 
 def cmd_bench_all(args: argparse.Namespace) -> int:
     from recranker_jax.bench.all import bench_all
-    from recranker_jax.bench.compare import format_comparison
+    from recranker_jax.bench.compare import format_comparison, plot_comparison
 
     doc = bench_all(load_config(args.config, args.overrides), [p.strip() for p in args.only.split(",") if p.strip()],
                     args.train_preset, args.repeats)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(format_comparison([args.out]))
     print(f"results written to {args.out}")
+    plot = Path(args.out).with_suffix(".png")
+    plot_comparison([args.out], plot)
+    print(f"plot written to {plot}")
     return 0
 
 
@@ -337,9 +342,12 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:
-    from recranker_jax.bench.compare import format_comparison
+    from recranker_jax.bench.compare import default_plot_path, format_comparison, plot_comparison
 
     print(format_comparison(args.files))
+    plot = Path(args.plot) if args.plot else default_plot_path(args.files)
+    plot_comparison(args.files, plot)
+    print(f"plot written to {plot}")
     return 0
 
 
