@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_rank.add_argument("--no-torch", action="store_true",
                             help="skip transformers' generate on the same device and weights")
     bench_rank.add_argument("--out", help="also write the results as JSON to this file")
+    bench_rank.add_argument("--profile", action="store_true",
+                            help="trace one more pass of each scorer with jax.profiler into runs/<name>/bench/rank/profile/")
     bench_train = bench_commands.add_parser(
         "train", help="training-step tokens/s, MFU and peak memory: JAX vs transformers' PyTorch LlamaForCausalLM "
                       "(+ peft LoRA) on the same device (CPU or CUDA GPU)"
@@ -306,7 +308,7 @@ def cmd_bench_rank(args: argparse.Namespace) -> int:
     from recranker_jax.bench.rank import bench_rank, format_results
 
     doc = bench_rank(load_config(args.config, args.overrides), users=args.users, repeats=args.repeats,
-                     preset=args.preset, layers=args.layers, compare_torch=not args.no_torch)
+                     preset=args.preset, layers=args.layers, compare_torch=not args.no_torch, profile=args.profile)
     return _show_results(doc, format_results, args.out)
 
 

@@ -105,3 +105,8 @@ class StepProfiler:
             self.active = False
             logger.info("profile of steps %d..%d written to %s (open: tensorboard --logdir %s, or xprof %s)",
                         self.steps[0], self.steps[1] - 1, self.folder, self.folder, self.folder)
+
+
+def bench_profile_dir(cfg, benchmark: str) -> Path:
+    """Where `recranker bench BENCHMARK --profile` writes its trace: runs/<name>/bench/BENCHMARK/profile/."""
+    return Path(cfg.run.root) / cfg.run.name / "bench" / benchmark / PROFILE

@@ -99,11 +99,13 @@ def test_the_plot_pairs_the_sides_and_is_written_beside_the_table(files, tmp_pat
     from recranker_jax.bench.compare import panels
 
     sides = write(tmp_path / "cpu.json", "cpu", 1, {
-        "train/quickstart": {"jax_tokens_per_second": 20000.0, "torch_tokens_per_second": 14000.0, "ratio": 1.43}})
+        "train/quickstart": {"jax_tokens_per_second": 20000.0, "torch_tokens_per_second": 14000.0, "ratio": 1.43},
+        "retrieval/quickstart/jax-edges": {"epoch_seconds": 0.2}, "retrieval/quickstart/torch-sparse": {"epoch_seconds": 1.4}})
     labels, rows = compare([load_result(p) for p in (sides, files[0])])
     grouped = panels(labels, rows)
     assert grouped["train/quickstart.tokens_per_second"] == [("cpu x1", "JAX", 20000.0), ("cpu x1", "PyTorch", 14000.0)]
     assert grouped["train/quickstart.ratio"] == [("cpu x1", "", 1.43)]
+    assert grouped["retrieval/quickstart.epoch_seconds"] == [("cpu x1", "jax-edges", 0.2), ("cpu x1", "torch-sparse", 1.4)]
     assert grouped["finetune.tokens_per_second"] == [("TPU v5 lite x8", "", 4000.0)]  # a gap draws no bar
     assert main(["bench", "compare", *map(str, files)]) == 0
     png = files[0].with_name("v5e-compare.png")

@@ -19,7 +19,8 @@ are skipped. Columns are labelled "<device_kind> x<device_count>"; rows are
 "<benchmark>.<metric>" in order of first appearance; a missing entry shows as '-'.
 
 `plot_comparison` draws the same rows as a PNG, one panel per metric and a bar per file; a
-benchmark's `jax_<metric>` and `torch_<metric>` share one panel (JAX vs PyTorch, side by side).
+benchmark's `jax_<metric>` and `torch_<metric>`, and the variants of `<benchmark>/jax-...` and
+`<benchmark>/torch-...`, share one panel (JAX vs PyTorch, side by side).
 """
 
 from __future__ import annotations
@@ -123,21 +124,37 @@ def format_comparison(paths: Sequence[str | Path]) -> str:
 
 
 SIDES = {"jax_": "JAX", "torch_": "PyTorch"}  # metric prefixes of the two sides of a benchmark
-SIDE_COLOURS = {"JAX": "#e6550d", "PyTorch": "#636363", "": "#3182bd"}
+VARIANT_PREFIXES = ("jax-", "torch-")  # a benchmark's last part naming a side's variant (retrieval/quickstart/jax-edges)
+
+
+def side_colour(side: str) -> str:
+    """JAX sides orange, PyTorch sides grey, anything else blue."""
+    if side.lower().startswith("jax"):
+        return "#e6550d"
+    return "#636363" if side.lower().startswith(("torch", "pytorch")) else "#3182bd"
 
 
 def panels(labels: Sequence[str], rows) -> dict[str, list[tuple[str, str, float]]]:
-    """Rows of `compare` grouped into plot panels: "benchmark.metric" (the side prefix removed) ->
-    [(file label, side, value)] for every value present, files in order then sides."""
+    """Rows of `compare` grouped into plot panels, "benchmark.metric" -> [(file label, side, value)]
+    for every value present, in file order: a metric's `jax_` / `torch_` prefix and a benchmark's
+    last part `jax-...` / `torch-...` (its variant) become the bar's side, so both sides share a panel."""
     grouped: dict[str, list[tuple[str, str, float]]] = {}
     for key, values, _ in rows:
         bench, _, metric = key.partition(".")
+        parent, _, last = bench.rpartition("/")
         prefix = next((p for p in SIDES if metric.startswith(p)), "")
-        bars = grouped.setdefault(f"{bench}.{metric.removeprefix(prefix)}", [])
-        bars.extend((text, SIDES.get(prefix, ""), value) for text, value in zip(labels, values) if value is not None)
+        if prefix:
+            panel, side = f"{bench}.{metric.removeprefix(prefix)}", SIDES[prefix]
+        elif parent and last.startswith(VARIANT_PREFIXES):
+            panel, side = f"{parent}.{metric}", last
+        else:
+            panel, side = key, ""
+        bars = grouped.setdefault(panel, [])
+        bars.extend((text, side, value) for text, value in zip(labels, values) if value is not None)
     order = {text: i for i, text in enumerate(labels)}
     for bars in grouped.values():
-        bars.sort(key=lambda bar: (order[bar[0]], list(SIDE_COLOURS).index(bar[1])))
+        sides = list(dict.fromkeys(side for _, side, _ in bars))
+        bars.sort(key=lambda bar: (order[bar[0]], sides.index(bar[1])))
     return grouped
 
 
@@ -163,7 +180,7 @@ def plot_comparison(paths: Sequence[str | Path], out: str | Path):
         names = [f"{text} {side}".strip() for text, side, _ in bars]
         values = [value for _, _, value in bars]
         positions = range(len(bars))[::-1]
-        axis.barh(list(positions), values, color=[SIDE_COLOURS[side] for _, side, _ in bars])
+        axis.barh(list(positions), values, color=[side_colour(side) for _, side, _ in bars])
         axis.set_yticks(list(positions), names, fontsize="small")
         for position, value in zip(positions, values):
             axis.text(value, position, f" {_number(value)}", va="center", fontsize="x-small")

@@ -81,7 +81,7 @@ from pathlib import Path
 from recranker_jax.config import Config
 from recranker_jax.errors import RecRankerError
 from recranker_jax.hardware import mfu
-from recranker_jax.instruments import PROFILE, StepProfiler
+from recranker_jax.instruments import StepProfiler, bench_profile_dir
 
 SIDES = ("jax", "torch")
 TORCH_ATTENTION = "sdpa"
@@ -623,11 +623,6 @@ def _run_sides(problem: dict, warmup: int, repeats: int, cpus: str, status: dict
         finally:
             for w in workers:
                 w.stop()
-
-
-def bench_profile_dir(cfg: Config, benchmark: str) -> Path:
-    """Where `recranker bench BENCHMARK --profile` writes its trace: runs/<name>/bench/BENCHMARK/profile/."""
-    return cfg.run_dir / "bench" / benchmark / PROFILE
 
 
 def bench_train(cfg: Config, repeats: int = 5, preset: str = "quickstart", warmup: int = 2,
