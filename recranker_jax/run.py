@@ -4,6 +4,9 @@ writers of the files one stage hands to the next. The file formats are the publi
 
     runs/<name>/config.yaml  data/  retrieval/  instructions/  pretrain/  finetune/  ranking/
                 checkpoints/<stage>-<key>/  metrics.json  report.md  plots/
+
+A training stage's folder may also hold tensorboard/ and profile/ (instruments.py), which no
+manifest lists (`INSTRUMENT_FOLDERS`).
 """
 
 from __future__ import annotations

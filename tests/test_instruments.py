@@ -128,3 +128,16 @@ def test_profile_steps_in_the_config_are_checked():
     with pytest.raises(RecRankerError, match=r"train.profile_steps=\[3\]"):
         load_config("quickstart", ["train.profile_steps=[3]"]).validate()
     assert load_config("quickstart", ["train.profile_steps=[3, 5]"]).validate().train.profile_steps == [3, 5]
+
+
+def test_the_manifest_check_skips_instrument_folders_only(tmp_path):
+    from recranker_jax.run import damage, read_marker, write_marker
+
+    (tmp_path / "model.txt").write_text("weights")
+    write_marker(tmp_path, "key", 1.0, "0", {}, {})
+    for folder in ("tensorboard", "profile"):  # written again at every run: never damage
+        (tmp_path / folder / "sub").mkdir(parents=True)
+        (tmp_path / folder / "sub" / "events").write_text("new")
+    assert damage(tmp_path, read_marker(tmp_path)) is None
+    (tmp_path / "tensorboard.txt").write_text("a result file named like one")
+    assert damage(tmp_path, read_marker(tmp_path)).endswith("tensorboard.txt was added after the stage finished")
