@@ -18,6 +18,7 @@ from pathlib import Path
 
 from recranker_jax import __version__
 from recranker_jax.config import load_config
+from recranker_jax.config_checks import parse_profile_steps
 from recranker_jax.errors import RecRankerError
 
 def _add_common(parser: argparse.ArgumentParser, default_config: str | None = None, required: bool = False) -> None:
@@ -37,6 +38,13 @@ def _add_rebuild(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rebuild", action="store_true",
                         help="replace finished stages built with other settings (run.rebuild=true); without it such "
                              "a command stops before any work and names the settings that differ")
+
+
+def _add_profile(parser: argparse.ArgumentParser, where: str) -> None:
+    """--profile START:STOP: a jax.profiler trace of those steps (counted from 1)."""
+    parser.add_argument("--profile", metavar="START:STOP",
+                        help=f"trace the steps START .. STOP-1 (counted from 1) with jax.profiler into {where}; "
+                             "open it with TensorBoard's profile plugin or XProf")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
             stage_parser = stages.add_parser(stage.name, help=text, description=text)
             _add_common(stage_parser, default_config="quickstart")
             _add_rebuild(stage_parser)
+            if stage.name in ("pretrain", "finetune"):
+                _add_profile(stage_parser, f"runs/<name>/{stage.name}/profile/ (train.profile_steps)")
 
     bench = stages.add_parser("bench", help="throughput benchmarks",
                               description="Throughput benchmarks, JAX against PyTorch where a counterpart exists.")
@@ -103,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_rank.add_argument("--no-torch", action="store_true",
                             help="skip transformers' generate on the same device and weights")
     bench_rank.add_argument("--out", help="also write the results as JSON to this file")
+    bench_rank.add_argument("--profile", action="store_true",
+                            help="trace one more pass of each scorer with jax.profiler into runs/<name>/bench/rank/profile/")
     bench_train = bench_commands.add_parser(
         "train", help="training-step tokens/s, MFU and peak memory: JAX vs transformers' PyTorch LlamaForCausalLM "
                       "(+ peft LoRA) on the same device (CPU or CUDA GPU)"
@@ -122,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="the JAX side's remat policy, overriding the preset's (auto, none, minimal, dots, full); "
                                   "PyTorch uses gradient checkpointing unless it resolves to none")
     bench_train.add_argument("--out", help="also write the results as JSON to this file")
+    _add_profile(bench_train, "runs/<name>/bench/train/profile/ (the JAX side; the untimed steps count first)")
     bench_compile = bench_commands.add_parser(
         "compile", help="the training step of a bench train preset lowered and compiled from abstract shapes: "
                         "program size, seconds, memory"
@@ -134,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_compile.add_argument("--out", help="also write the results as JSON to this file")
     bench_compare = bench_commands.add_parser("compare", help="bench result files side by side, with ratios to the first")
     bench_compare.add_argument("files", nargs="+", metavar="RESULT.json", help="files written by recranker bench")
+    bench_compare.add_argument("--plot", metavar="PNG",
+                               help="where to write the plot (default: beside the first file, <stem>-compare.png)")
 
     plan = stages.add_parser("plan", help="bytes per device of a finetune config on a mesh (abstract shapes, no weights)")
     _add_common(plan)
@@ -276,13 +291,16 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
 
 def cmd_bench_all(args: argparse.Namespace) -> int:
     from recranker_jax.bench.all import bench_all
-    from recranker_jax.bench.compare import format_comparison
+    from recranker_jax.bench.compare import format_comparison, plot_comparison
 
     doc = bench_all(load_config(args.config, args.overrides), [p.strip() for p in args.only.split(",") if p.strip()],
                     args.train_preset, args.repeats)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(format_comparison([args.out]))
     print(f"results written to {args.out}")
+    plot = Path(args.out).with_suffix(".png")
+    plot_comparison([args.out], plot)
+    print(f"plot written to {plot}")
     return 0
 
 
@@ -290,7 +308,7 @@ def cmd_bench_rank(args: argparse.Namespace) -> int:
     from recranker_jax.bench.rank import bench_rank, format_results
 
     doc = bench_rank(load_config(args.config, args.overrides), users=args.users, repeats=args.repeats,
-                     preset=args.preset, layers=args.layers, compare_torch=not args.no_torch)
+                     preset=args.preset, layers=args.layers, compare_torch=not args.no_torch, profile=args.profile)
     return _show_results(doc, format_results, args.out)
 
 
@@ -298,7 +316,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from recranker_jax.bench.train import bench_train, format_results
 
     doc = bench_train(load_config(args.config, args.overrides), repeats=args.repeats, preset=args.preset,
-                      warmup=args.warmup, compare_torch=not args.no_torch, cpus=args.cpus, remat=args.remat)
+                      warmup=args.warmup, compare_torch=not args.no_torch, cpus=args.cpus, remat=args.remat,
+                      profile=parse_profile_steps(args.profile) if args.profile else None)
     return _show_results(doc, format_results, args.out)
 
 
@@ -325,9 +344,12 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:
-    from recranker_jax.bench.compare import format_comparison
+    from recranker_jax.bench.compare import default_plot_path, format_comparison, plot_comparison
 
     print(format_comparison(args.files))
+    plot = Path(args.plot) if args.plot else default_plot_path(args.files)
+    plot_comparison(args.files, plot)
+    print(f"plot written to {plot}")
     return 0
 
 
@@ -407,6 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "rebuild", False):
         args.overrides = [*args.overrides, "run.rebuild=true"]
+    if getattr(args, "profile", None) and args.command in ("pretrain", "finetune"):
+        try:
+            start, stop = parse_profile_steps(args.profile)
+        except RecRankerError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+        args.overrides = [*args.overrides, f"train.profile_steps=[{start}, {stop}]"]
     action = (getattr(args, "data_command", None) or getattr(args, "bench_command", None)
               or getattr(args, "config_command", None))
     handler = COMMANDS.get((args.command, action), cmd_stage)  # the table's stages (parser choices)

@@ -33,6 +33,8 @@ class RunConfig:
     compilation_cache: JAX's persistent compilation cache in `root`/.jax_cache, so a resumed
       or repeated run reuses its compiled training steps (auto: on accelerators only; an
       execution setting, in no stage's cache key).
+    tensorboard: every training stage (retrieval, pretrain, finetune) writes TensorBoard event
+      files into its folder's tensorboard/ (instruments.py); an execution setting.
     """
 
     name: str = "quickstart"
@@ -40,6 +42,7 @@ class RunConfig:
     seed: int = 0
     rebuild: bool = False
     compilation_cache: Literal["auto", "always", "never"] = "auto"
+    tensorboard: bool = True
 
 
 # Settings of one command, not of the run: left out of the recorded config (`recorded_config`).
@@ -274,7 +277,10 @@ class TrainConfig:
     """Instruction tuning: packed rows of `seq_len` tokens, `batch_size` rows a step (split
     over the mesh's batch axes); `remat` is the rematerialisation policy of the layers
     (`llm/remat.py`: none, minimal, dots, full, or auto: none on the CPU, dots elsewhere;
-    not part of the finetune's cache key, like `model.scan_layers` and `model.attention`)."""
+    not part of the finetune's cache key, like `model.scan_layers` and `model.attention`).
+    profile_steps: [start, stop] traces the steps start .. stop - 1 (counted from 1) of the
+    pretrain and finetune with `jax.profiler` into the stage folder's profile/; [] is off
+    (instruments.py; an execution setting, like remat)."""
 
     enabled: bool = True  # false: no instruction tuning (the zero-shot baseline ranks the starting model)
     seq_len: int = 1152
@@ -288,6 +294,7 @@ class TrainConfig:
     save_every: int = 50
     keep_checkpoint: bool = False  # keep the last training checkpoint once the stage finished (else none)
     remat: Literal["auto", "none", "minimal", "dots", "full"] = "auto"
+    profile_steps: list[int] = dataclasses.field(default_factory=list)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 

@@ -256,10 +256,31 @@ def check_model(model: Any) -> None:
                              f"model.num_attention_heads={model.num_attention_heads}")
 
 
+def check_profile_steps(steps: Sequence[int], key: str = "train.profile_steps") -> None:
+    """[] (off) or [start, stop] with 1 <= start < stop (instruments.StepProfiler)."""
+    if steps and (len(steps) != 2 or steps[0] < 1 or steps[1] <= steps[0]):
+        raise RecRankerError(f"{key}={list(steps)}: expected [] (off) or [start, stop] with 1 <= start < stop "
+                             "(the steps start .. stop - 1, counted from 1 like train_log.jsonl)")
+
+
+def parse_profile_steps(text: str, key: str = "--profile") -> list[int]:
+    """`START:STOP` -> [START, STOP] (the steps START .. STOP - 1, counted from 1 like train_log.jsonl)."""
+    start, sep, stop = text.partition(":")
+    try:
+        steps = [int(start), int(stop)] if sep else None
+    except ValueError:
+        steps = None
+    if steps is None:
+        raise RecRankerError(f"{key} {text}: expected START:STOP, e.g. 3:5 traces steps 3 and 4")
+    check_profile_steps(steps, f"{key} {text}: steps")
+    return steps
+
+
 def check_train(cfg: Any) -> None:
     _positive("train", cfg.train, ("seq_len", "batch_size", "steps", "save_every", "accumulation"))
     _non_negative("train", cfg.train, ("warmup_steps", "weight_decay"))
     _learning_rates("train", cfg.train)
+    check_profile_steps(cfg.train.profile_steps)
     if cfg.train.clip_norm <= 0:
         raise RecRankerError(f"train.clip_norm={cfg.train.clip_norm}: expected a positive gradient norm")
     if cfg.model.checkpoint and not cfg.prompts.tokenizer:

@@ -67,7 +67,7 @@ from recranker_jax.run import (
 )
 
 # How the model runs, not what it learns: changing these reuses a finished finetune and its checkpoints.
-EXECUTION_SETTINGS = {"model": ("scan_layers", "attention"), "train": ("remat", "keep_checkpoint")}
+EXECUTION_SETTINGS = {"model": ("scan_layers", "attention"), "train": ("remat", "keep_checkpoint", "profile_steps")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,9 @@ writers of the files one stage hands to the next. The file formats are the publi
 
     runs/<name>/config.yaml  data/  retrieval/  instructions/  pretrain/  finetune/  ranking/
                 checkpoints/<stage>-<key>/  metrics.json  report.md  plots/
+
+A training stage's folder may also hold tensorboard/ and profile/ (instruments.py), which no
+manifest lists (`INSTRUMENT_FOLDERS`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from recranker_jax.errors import RecRankerError
 SPLITS = ("test", "valid")  # the held-out items a run ranks and evaluates
 SPLIT_FILES = ("train.csv", "valid.csv", "test.csv", "items.csv")
 MARKER = "_stage.json"  # in a stage folder: it finished, with this cache key, config and file manifest
-WHOLE_HASH_BYTES = 64 * 2**20  # larger files are fingerprinted by size and their first and last MiB
+WHOLE_HASH_BYTES = 64 * 2**20
+# Folders of a stage folder that hold instruments, not results (TensorBoard event files, profiler
+# traces; instruments.py): they differ at every run, so no manifest lists them and no check reads them.
+INSTRUMENT_FOLDERS = ("tensorboard", "profile")  # larger files are fingerprinted by size and their first and last MiB
 
 
 def _checked(split: str) -> str:
@@ -341,10 +347,15 @@ def file_digest(path: Path) -> str:
     return "partial:" + digest.hexdigest()
 
 
+def stage_files(folder: Path) -> list[Path]:
+    """The files of a stage folder a manifest lists: all but its marker and `INSTRUMENT_FOLDERS`."""
+    return [path for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != MARKER and path.relative_to(folder).parts[0] not in INSTRUMENT_FOLDERS]
+
+
 def manifest(folder: Path) -> dict[str, list]:
-    """Every file under a stage folder but its marker: relative path -> [size, digest]."""
-    return {str(path.relative_to(folder)): [path.stat().st_size, file_digest(path)]
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MARKER}
+    """Every file under a stage folder but its marker and instruments: relative path -> [size, digest]."""
+    return {str(path.relative_to(folder)): [path.stat().st_size, file_digest(path)] for path in stage_files(folder)}
 
 
 def write_marker(folder: Path, key: str, seconds: float, version: str, config: dict, inputs: dict[str, str]) -> None:
@@ -372,7 +383,7 @@ def damage(folder: Path, marker: dict) -> str | None:
     recorded = marker.get("files")
     if recorded is None:
         return None  # finished by a version that kept no manifest
-    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER}
+    present = {str(p.relative_to(folder)) for p in stage_files(folder)}
     for name in sorted(set(recorded) | present):
         path = folder / name
         if name not in present:

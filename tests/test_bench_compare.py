@@ -93,3 +93,23 @@ def test_a_retrieval_bench_file_is_a_result_file(tmp_path):
     path = tmp_path / "retrieval.json"
     path.write_text(json.dumps(doc))
     assert label(load_result(path)) == f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+
+
+def test_the_plot_pairs_the_sides_and_is_written_beside_the_table(files, tmp_path, capsys):
+    from recranker_jax.bench.compare import panels
+
+    sides = write(tmp_path / "cpu.json", "cpu", 1, {
+        "train/quickstart": {"jax_tokens_per_second": 20000.0, "torch_tokens_per_second": 14000.0, "ratio": 1.43},
+        "retrieval/quickstart/jax-edges": {"epoch_seconds": 0.2}, "retrieval/quickstart/torch-sparse": {"epoch_seconds": 1.4}})
+    labels, rows = compare([load_result(p) for p in (sides, files[0])])
+    grouped = panels(labels, rows)
+    assert grouped["train/quickstart.tokens_per_second"] == [("cpu x1", "JAX", 20000.0), ("cpu x1", "PyTorch", 14000.0)]
+    assert grouped["train/quickstart.ratio"] == [("cpu x1", "", 1.43)]
+    assert grouped["retrieval/quickstart.epoch_seconds"] == [("cpu x1", "jax-edges", 0.2), ("cpu x1", "torch-sparse", 1.4)]
+    assert grouped["finetune.tokens_per_second"] == [("TPU v5 lite x8", "", 4000.0)]  # a gap draws no bar
+    assert main(["bench", "compare", *map(str, files)]) == 0
+    png = files[0].with_name("v5e-compare.png")
+    assert capsys.readouterr().out.rstrip().endswith(f"plot written to {png}")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench", "compare", str(sides), "--plot", str(tmp_path / "out" / "sides.png")]) == 0
+    assert (tmp_path / "out" / "sides.png").stat().st_size > 1000

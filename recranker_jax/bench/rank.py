@@ -49,6 +49,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from recranker_jax.config import Config
 from recranker_jax.errors import RecRankerError
@@ -323,17 +324,33 @@ def rank_results(timings: dict, torch_seconds: dict | None, items: int) -> dict[
 
 
 def bench_rank(cfg: Config, users: int = 32, repeats: int = 1, preset: str = "run", layers: int | None = None,
-               compare_torch: bool = True) -> dict:
+               compare_torch: bool = True, profile: bool = False) -> dict:
     """Seconds per scored candidate on the run's stages (the preset's: `needed_stage`), reusing
-    them when finished for this config, else building them in a temporary folder."""
+    them when finished for this config, else building them in a temporary folder. `profile`: one
+    more pass of each task's scorer after the timed ones, traced with `jax.profiler` into
+    runs/<name>/bench/rank/profile/ (`instruments.bench_profile_dir`)."""
+    from recranker_jax.instruments import bench_profile_dir
     from recranker_jax.pipeline import look
 
     check_arguments(users, repeats, preset, layers)
+    trace_dir = bench_profile_dir(cfg, "rank").resolve() if profile else None
     with look(cfg, needed_stage(preset), note=True) as looked:  # a benchmark writes nothing into runs/
-        return _bench_rank(looked, users, repeats, preset, layers, compare_torch)
+        return _bench_rank(looked, users, repeats, preset, layers, compare_torch, trace_dir)
 
 
-def _bench_rank(cfg: Config, users: int, repeats: int, preset: str, layers: int | None, compare_torch: bool) -> dict:
+def trace_scorers(ranker, prompts: dict, chosen: list[int], folder: Path) -> None:
+    """One pass of each task's batched scorer under `jax.profiler.trace` into `folder`."""
+    import jax
+
+    ranker.generate_mode = False
+    folder.mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(folder)):
+        for task in sorted(prompts):
+            ranker.score(task, [prompts[task][u] for u in chosen])
+
+
+def _bench_rank(cfg: Config, users: int, repeats: int, preset: str, layers: int | None, compare_torch: bool,
+                trace_dir: Path | None = None) -> dict:
     from recranker_jax.hardware import environment
     from recranker_jax.data.split import load_split
     from recranker_jax.run import RunFolder, read_candidates
@@ -350,6 +367,8 @@ def _bench_rank(cfg: Config, users: int, repeats: int, preset: str, layers: int 
         ranker, model = build_ranker(cfg, preset, layers, data, finetune_dir)
         bounds = token_bounds(ranker, prompts, chosen)
         timings = time_modes(ranker, prompts, chosen, repeats)
+    if trace_dir is not None:
+        trace_scorers(ranker, prompts, chosen, trace_dir)
     torch_seconds, torch_note = (torch_side(ranker, task_records(prompts, chosen), repeats) if compare_torch
                                  else (None, "skipped: --no-torch"))
     results = rank_results(timings, torch_seconds, items)

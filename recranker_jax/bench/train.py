@@ -81,6 +81,7 @@ from pathlib import Path
 from recranker_jax.config import Config
 from recranker_jax.errors import RecRankerError
 from recranker_jax.hardware import mfu
+from recranker_jax.instruments import StepProfiler, bench_profile_dir
 
 SIDES = ("jax", "torch")
 TORCH_ATTENTION = "sdpa"
@@ -422,7 +423,25 @@ def _start_jax(problem: dict, weights_dir: str, options: dict) -> tuple[Callable
     device, reason = torch_plan(problem, jax.devices()[0].platform, options.get("torch_status"))
     step, model, _ = jax_side(problem, Path(weights_dir) if weights_dir and device else None)
     info = {**_jax_info(problem, model), "torch_device": device, "jax_alone_because": reason}
+    if options.get("profile"):
+        step = profiled(step, StepProfiler(Path(options["profile_dir"]), options["profile"]))
     return step, info
+
+
+def profiled(step: Callable[[], float], profiler: StepProfiler) -> Callable[[], float]:
+    """`step` traced by `profiler` at its calls (counted from 1: the untimed steps first); the
+    trace of steps the run never reaches ends when the worker quits (`profiled.close`)."""
+    count = {"steps": 0}
+
+    def run() -> float:
+        count["steps"] += 1
+        profiler.before(count["steps"])
+        loss = step()  # a float: the step has run
+        profiler.after(count["steps"])
+        return loss
+
+    run.close = profiler.close  # type: ignore[attr-defined]
+    return run
 
 
 def _start_torch(problem: dict, weights_dir: str, options: dict) -> tuple[Callable[[], float], dict, Callable]:
@@ -478,6 +497,7 @@ def _worker_main(argv: list[str]) -> None:
             seconds, cpu_seconds, loss = timed()
             _send({"seconds": seconds, "cpu_seconds": cpu_seconds, "loss": loss})
         elif command == "quit":
+            getattr(step, "close", lambda: None)()  # a profile of steps past the last one
             peak = _jax_device_peak_mb() if side == "jax" else _torch_device_peak_mb(options["device"])
             _send({"peak_rss_mb": round(_peak_rss_mb(), 1), "peak_device_memory_mb": peak})
             return
@@ -579,11 +599,13 @@ def _jax_env(status: dict | None) -> dict[str, str]:
     return {}
 
 
-def _run_sides(problem: dict, warmup: int, repeats: int, cpus: str, status: dict | None) -> tuple[dict, str | None]:
-    """Run JAX, then PyTorch where `torch_plan` puts it, interleaved; (raw replies, why JAX ran alone)."""
+def _run_sides(problem: dict, warmup: int, repeats: int, cpus: str, status: dict | None,
+               profile: dict | None = None) -> tuple[dict, str | None]:
+    """Run JAX, then PyTorch where `torch_plan` puts it, interleaved; (raw replies, why JAX ran alone).
+    `profile` ({"profile": [start, stop], "profile_dir"}) traces those JAX steps."""
     with tempfile.TemporaryDirectory(prefix="recranker-bench-train-") as weights_dir:
         jax_worker = worker("jax", problem, Path(weights_dir) if status else None, warmup,
-                            {"cpus": cpus, "torch_status": status}, _jax_env(status))
+                            {"cpus": cpus, "torch_status": status, **(profile or {})}, _jax_env(status))
         workers = [jax_worker]
         try:
             setup = jax_worker.start()
@@ -604,9 +626,12 @@ def _run_sides(problem: dict, warmup: int, repeats: int, cpus: str, status: dict
 
 
 def bench_train(cfg: Config, repeats: int = 5, preset: str = "quickstart", warmup: int = 2,
-                compare_torch: bool = True, cpus: str | None = None, remat: str | None = None) -> dict:
+                compare_torch: bool = True, cpus: str | None = None, remat: str | None = None,
+                profile: list[int] | None = None) -> dict:
     """Time the problem on JAX and, where `torch_plan` allows, PyTorch; `remat` overrides the
-    preset's JAX remat policy. Returns the results document (`format_results` prints it)."""
+    preset's JAX remat policy; `profile` [start, stop] traces those JAX steps (counted from 1,
+    the untimed ones first) into runs/<name>/bench/train/profile/ (`bench_profile_dir`).
+    Returns the results document (`format_results` prints it)."""
     if repeats < 1 or warmup < 1:
         raise RecRankerError(f"bench train: repeats={repeats} and warmup={warmup} must be positive integers")
     cpus = ",".join(c.strip() for c in (cpus or "").split(",") if c.strip())
@@ -614,7 +639,8 @@ def bench_train(cfg: Config, repeats: int = 5, preset: str = "quickstart", warmu
         raise RecRankerError(f"bench train: cpus={cpus!r}: expected CPU numbers separated by commas, e.g. 0,1")
     problem = problem_from_config(cfg, preset, remat)
     tokens = problem["batch_size"] * problem["seq_len"]
-    raw, reason = _run_sides(problem, warmup, repeats, cpus, torch_status() if compare_torch else None)
+    traced = {"profile": list(profile), "profile_dir": str(bench_profile_dir(cfg, "train").resolve())} if profile else None
+    raw, reason = _run_sides(problem, warmup, repeats, cpus, torch_status() if compare_torch else None, traced)
     jax_setup = raw["jax"]["setup"]
     summary = {side: _summary(raw[side], tokens, jax_setup["flops_per_token"], jax_setup["peak_flops"]) for side in raw}
     train = {f"{side}_{key}": value for side in summary for key, value in summary[side].items()}

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from recranker_jax.config import Config
 from recranker_jax.config_checks import register_model_name
 from recranker_jax.data.split import SplitData
+from recranker_jax.instruments import TENSORBOARD
 from recranker_jax.retrieval.evaluate import Scorer
 from recranker_jax.retrieval.train import held_out_rmse, liked_pairs, train_bpr, train_explicit_mf
 from recranker_jax.run import RetrievalFolder, write_explicit_mf
@@ -39,6 +40,11 @@ class Context:
     checkpoint_dir: Path
     folder: RetrievalFolder
     progress: bool = True
+
+    def tensorboard(self, name: str) -> Path | None:
+        """The folder of backbone `name`'s TensorBoard event files (retrieval/tensorboard/<name>/),
+        None when run.tensorboard is off."""
+        return self.folder.path / TENSORBOARD / name if self.cfg.run.tensorboard else None
 
 
 @dataclasses.dataclass
@@ -81,7 +87,8 @@ def same_for_both(scorer: Scorer) -> dict[str, Scorer]:
 
 def _bpr(ctx: Context, layers: int, name: str) -> Fitted:
     result = train_bpr(ctx.data, ctx.cfg.retrieval, layers, ctx.cfg.run.seed, mesh=ctx.mesh, rules=ctx.cfg.mesh.rules,
-                       checkpoint_dir=ctx.checkpoint_dir, name=name, progress=ctx.progress)
+                       checkpoint_dir=ctx.checkpoint_dir, name=name, progress=ctx.progress,
+                       tensorboard=ctx.tensorboard(name))
     return Fitted(same_for_both(result.scorer), result.params, result.history, result.best_epoch)
 
 
@@ -99,7 +106,8 @@ def bpr_mf(ctx: Context) -> Fitted:
 def explicit_mf(ctx: Context) -> Fitted:
     """The rating model behind the pointwise hint (also written to explicit_mf.npz)."""
     model, result = train_explicit_mf(ctx.data, ctx.cfg.retrieval.explicit_mf, ctx.cfg.run.seed,
-                                      checkpoint_dir=ctx.checkpoint_dir, progress=ctx.progress)
+                                      checkpoint_dir=ctx.checkpoint_dir, progress=ctx.progress,
+                                      tensorboard=ctx.tensorboard("explicit_mf"))
     write_explicit_mf(ctx.folder.explicit_mf, {
         "user_factors": np.asarray(model.user_factors[...]), "item_factors": np.asarray(model.item_factors[...]),
         "user_bias": np.asarray(model.user_bias[...]), "item_bias": np.asarray(model.item_bias[...]),
@@ -124,7 +132,7 @@ def sasrec(ctx: Context) -> Fitted:
 
     settings = SASRecSettings.of(ctx.cfg.retrieval)
     model, history = fit_sasrec(ctx.data, settings, ctx.mesh, ctx.cfg.run.seed, ctx.progress, rules=ctx.cfg.mesh.rules,
-                                checkpoint_dir=ctx.checkpoint_dir)
+                                checkpoint_dir=ctx.checkpoint_dir, tensorboard=ctx.tensorboard("sasrec"))
     scorers = {split: sasrec_scorer(model, scoring_sequences(ctx.data, split, settings.max_len), settings.eval_batch_users)
                for split in ("valid", "test")}
     return Fitted(scorers, nnx.state(model, nnx.Param), history["records"], history["best_epoch"],

@@ -313,10 +313,11 @@ def sasrec_problem(data: SplitData, settings: SASRecSettings, seed: int, mesh: M
 
 def fit_sasrec(data: SplitData, settings: SASRecSettings, mesh: Mesh | None = None, seed: int = 0,
                progress: bool = True, *, rules: dict[str, list[str]] | None = None,
-               checkpoint_dir: Path | None = None) -> tuple[SASRec, dict]:
+               checkpoint_dir: Path | None = None, tensorboard: Path | None = None) -> tuple[SASRec, dict]:
     """Train SASRec on the training likes, selected on validation NDCG@10 (early stopping as
     for LightGCN). Returns the best model and a history: {"records": [{epoch, loss,
-    valid_ndcg@10, valid_recall@20}, ...], "best_epoch", "best_score", "stats"}."""
+    valid_ndcg@10, valid_recall@20}, ...], "best_epoch", "best_score", "stats"}; with `tensorboard`,
+    the records as TensorBoard scalars (retrieval.train.fit)."""
     problem = sasrec_problem(data, settings, seed, mesh, rules)
     valid_sequences = scoring_sequences(data, "valid", settings.max_len)
 
@@ -330,6 +331,7 @@ def fit_sasrec(data: SplitData, settings: SASRecSettings, mesh: Mesh | None = No
         epoch_batches=problem.epoch_batches, validate=validate, epochs=settings.epochs,
         eval_every=settings.eval_every, patience=settings.patience, checkpoint_dir=checkpoint_dir,
         batch_sharding=problem.shard_batches, progress=progress, lr_key="retrieval.sequence.lr", lr=settings.lr,
+        tensorboard=tensorboard,
     )
     return best, {"records": records, "best_epoch": best_epoch, "best_score": best_score, "stats": problem.stats}
 

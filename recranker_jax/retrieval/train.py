@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from recranker_jax.config import ExplicitMFConfig, RetrievalConfig
 from recranker_jax.data.split import SplitData
 from recranker_jax.errors import RecRankerError
+from recranker_jax.instruments import Scalars, memory_scalars
 from recranker_jax.config_checks import check_batch
 from recranker_jax.parallel import axis_size, logical_spec, place_tree
 from recranker_jax.retrieval.evaluate import Scorer, evaluate
@@ -120,6 +122,7 @@ def fit(
     progress: bool = True,
     lr_key: str = "retrieval.lr",
     lr: float | None = None,
+    tensorboard: Path | None = None,
 ) -> tuple[nnx.Module, int, float, list[dict[str, float]]]:
     """Train `model` in place with early stopping; returns (best model, best epoch, score, history).
 
@@ -127,7 +130,10 @@ def fit(
     state is saved after every validation and the latest is restored first. A non-finite
     epoch loss stops training with a RecRankerError naming the epoch and the learning rate
     setting (`lr_key`=`lr`); the checkpoints before the epoch that gave it are kept.
+    With `tensorboard` (a folder), each history record is also a TensorBoard step (its epoch):
+    loss, validation metrics, the epoch's seconds and the memory (instruments.py).
     """
+    scalars = Scalars(tensorboard, "retrieval")
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = tx.init(params)
     run_epoch = make_epoch_fn(graphdef, loss, tx)
@@ -151,6 +157,7 @@ def fit(
     params, opt_state = state["params"], state["opt_state"]
     while int(state["epoch"]) < epochs and int(state["stale"]) < patience:
         epoch = int(state["epoch"])
+        started = time.perf_counter()
         params, opt_state, mean_loss = run_epoch(params, opt_state, batch_sharding(epoch_batches(epoch)))
         epoch += 1
         if not math.isfinite(float(mean_loss)):
@@ -163,16 +170,20 @@ def fit(
                         kept = saved
                 manager.close()
             bar.close()
+            scalars.close()
             where = f"its checkpoint of epoch {kept} is kept" if kept is not None else "it kept no checkpoint"
             raise RecRankerError(f"{name}: the mean loss of epoch {epoch} is {float(mean_loss)}: training diverged and "
                                  f"stopped, not marked done; {where}; lower the learning rate"
                                  + (f" ({lr_key}={lr})" if lr is not None else f" ({lr_key})"))
+        seconds = time.perf_counter() - started  # the loss is on the host: the epoch has run
         state.update(params=params, opt_state=opt_state, epoch=epoch)
         bar.update(1)
         if epoch % eval_every == 0 or epoch == epochs:
             score, metrics = validate(nnx.merge(graphdef, params))
             record = {"epoch": epoch, "loss": float(mean_loss), **metrics}
             history.append(record)
+            scalars.write(epoch, {**{k: v for k, v in record.items() if k != "epoch"},
+                                  "epoch_seconds": seconds, **memory_scalars()})
             if score > float(state["best_score"]):
                 state.update(best_params=params, best_epoch=epoch, best_score=score, stale=0)
             else:
@@ -183,6 +194,7 @@ def fit(
                     state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
                 manager.wait_until_finished()
     bar.close()
+    scalars.close()
     if manager is not None:
         manager.close()
     return nnx.merge(graphdef, state["best_params"]), int(state["best_epoch"]), float(state["best_score"]), history
@@ -277,6 +289,7 @@ def train_bpr(
     checkpoint_dir: Path | None = None,
     name: str = "lightgcn",
     progress: bool = True,
+    tensorboard: Path | None = None,
 ) -> FitResult:
     """LightGCN (layers > 0) or BPR-MF (layers = 0) selected on validation NDCG@10."""
     problem = bpr_problem(data, cfg, layers, seed, mesh, rules)
@@ -289,7 +302,7 @@ def train_bpr(
         name=name, model=problem.model, loss=problem.loss, tx=optax.adam(cfg.lr),
         epoch_batches=problem.epoch_batches, validate=validate, epochs=cfg.epochs, eval_every=cfg.eval_every,
         patience=cfg.patience, checkpoint_dir=checkpoint_dir, progress=progress, batch_sharding=problem.shard_batches,
-        lr_key="retrieval.lr", lr=cfg.lr,
+        lr_key="retrieval.lr", lr=cfg.lr, tensorboard=tensorboard,
     )
     return FitResult(problem.scorer_of(best), best_epoch, best_score, history, nnx.state(best, nnx.Param))
 
@@ -308,6 +321,7 @@ def train_explicit_mf(
     *,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    tensorboard: Path | None = None,
 ) -> tuple[ExplicitMF, FitResult]:
     """Rating MF on every training rating, selected on validation RMSE (validation items are likes)."""
     if len(data.train_rating) == 0:
@@ -330,6 +344,7 @@ def train_explicit_mf(
         name="explicit_mf", model=model, loss=loss, tx=optax.adam(cfg.lr), epoch_batches=epoch_batches,
         validate=validate, epochs=cfg.epochs, eval_every=cfg.eval_every, patience=cfg.patience,
         checkpoint_dir=checkpoint_dir, progress=progress, lr_key="retrieval.explicit_mf.lr", lr=cfg.lr,
+        tensorboard=tensorboard,
     )
     user_factors = np.concatenate([np.asarray(best.user_factors[...]), np.ones((data.n_users, 1), np.float32)], 1)
     item_factors = np.concatenate([np.asarray(best.item_factors[...]), np.asarray(best.item_bias[...])[:, None]], 1)

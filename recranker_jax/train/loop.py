@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from recranker_jax import hardware, signals
 from recranker_jax.errors import RecRankerError
+from recranker_jax.instruments import Scalars, StepProfiler, memory_scalars
 from recranker_jax.llm.layout import checkpoint_layout
 from recranker_jax.parallel import place_batch, sharding_context
 from recranker_jax.train.packing import PackedRows, answer_capacity, batch_arrays
@@ -120,6 +121,8 @@ def train(
     schedule: Callable[[int], float] | None = None,
     desc: str = "finetune",
     diverged_hint: str | None = None,
+    scalars: Scalars | None = None,
+    profiler: StepProfiler | None = None,
 ) -> tuple[list[StepLog], int]:
     """Run optimizer steps up to `steps` (continuing from the latest checkpoint if there is one).
 
@@ -129,6 +132,8 @@ def train(
     `schedule` (step -> learning rate) adds the learning rate to the logs; `desc` names the progress bar.
     A non-finite loss stops training with a RecRankerError naming the step (`diverged`; `diverged_hint`:
     the settings to lower, for the message); the checkpoints before it are kept.
+    `scalars` receives each logged step (and its seconds and the device memory) for TensorBoard and
+    is closed at the end; `profiler` traces its steps (instruments.py).
     """
     manager = None
     start = 0
@@ -180,11 +185,15 @@ def train(
             index = batch_rows(len(rows), batch_size, seed, step)
             batch = place_batch(batch_arrays(rows.tokens[index], rows.loss_mask[index], rows.segment_ids[index],
                                              rows.positions[index], capacity), mesh, rules or {})
+            if profiler is not None:
+                profiler.before(step + 1)
             started = time.perf_counter()
             with sharding_context(mesh, rules or {}):  # the attention kernels' shard_map reads it
                 loss = float(train_step(model, optimizer, batch))
             seconds = time.perf_counter() - started
             step += 1
+            if profiler is not None:
+                profiler.after(step)
             if not math.isfinite(loss):
                 raise diverged(manager, step, loss, desc, diverged_hint)
             mfu = None
@@ -195,6 +204,9 @@ def train(
             logs.append(entry)
             if log is not None:
                 log(entry)
+            if scalars is not None:
+                scalars.write(step, {**{k: v for k, v in dataclasses.asdict(entry).items() if k != "step"},
+                                     "step_seconds": seconds, **memory_scalars()})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{entry.tokens_per_second:.0f}",
                             **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
@@ -205,6 +217,10 @@ def train(
         for number, handler in previous.items():
             signal.signal(number, handler)
         bar.close()
+        if profiler is not None:
+            profiler.close()
+        if scalars is not None:
+            scalars.close()
         if manager is not None:
             manager.close()
     return logs, step

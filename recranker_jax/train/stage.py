@@ -24,6 +24,7 @@ from flax import nnx
 
 from recranker_jax.config import Config
 from recranker_jax.errors import Interrupted, RecRankerError
+from recranker_jax.instruments import PROFILE, TENSORBOARD, Scalars, StepProfiler
 from recranker_jax.llm.hf_export import export_hf
 from recranker_jax.llm.hf_import import load_hf_llama
 from recranker_jax.llm.llama import Llama, LlamaConfig, model_options
@@ -202,6 +203,8 @@ def tune(cfg: Config, schedule: Schedule, examples: list[tuple[np.ndarray, np.nd
                 diverged_hint=f"{s.name if s.name == 'pretrain' else 'train'}.lr={s.lr}, with "
                               f"{s.name if s.name == 'pretrain' else 'train'}.warmup_steps={s.warmup_steps} and "
                               f"train.clip_norm={t.clip_norm}",
+                scalars=Scalars(model_dir.parent / TENSORBOARD, "train", enabled=cfg.run.tensorboard and primary),
+                profiler=StepProfiler(model_dir.parent / PROFILE, t.profile_steps) if primary else None,
             )
         if reached < s.steps:  # exit 130 for SIGTERM too: every process of a multi-host run stops the same way
             raise Interrupted(f"{s.name} was interrupted (SIGTERM or Ctrl-C) at step {reached}; run the same command "
