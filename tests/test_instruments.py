@@ -39,7 +39,7 @@ def test_the_finetune_events_hold_the_train_log(finished_run):
     log = [json.loads(line) for line in (finished_run / "finetune" / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2, 3, 4]
     tags = scalars(finished_run / "finetune" / "tensorboard")
-    for name in ("loss", "tokens_per_second", "learning_rate"):
+    for name in ("loss", "tokens_per_second", "learning_rate", "grad_norm"):
         assert [step for step, _ in tags[f"train/{name}"]] == [1, 2, 3, 4], name
         assert [value for _, value in tags[f"train/{name}"]] == pytest.approx([e[name] for e in log], rel=1e-6), name
     assert [step for step, _ in tags["train/step_seconds"]] == [1, 2, 3, 4]

@@ -11,7 +11,7 @@ from recranker_jax.errors import RecRankerError
 from recranker_jax.llm.llama import Llama, LlamaConfig
 from recranker_jax.parallel import make_mesh, place_batch
 from recranker_jax.train.packing import pack
-from recranker_jax.train.step import answer_loss, make_optimizer, shard_model, train_step
+from recranker_jax.train.step import answer_loss, make_optimizer, shard_model, train_step, train_step_stats
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
@@ -214,3 +214,17 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_checkpoi
     assert str(err.value) == ("finetune: the loss is nan at step 3: training diverged and stopped, not marked done; its "
                               "checkpoint of step 1 is kept; lower the learning rate (train.lr=1e+30)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]  # step 2's weights gave the nan: removed
+
+
+def test_the_step_reports_the_global_norm_of_the_gradients_before_clipping():
+    import optax
+
+    model = Llama(CFG, nnx.Rngs(0))
+    rows = pack(examples(12), 32)
+    batch = {"tokens": rows.tokens[:4], "loss_mask": rows.loss_mask[:4], "segment_ids": rows.segment_ids[:4],
+             "positions": rows.positions[:4]}
+    grads = nnx.grad(lambda m: answer_loss(m, batch)[0])(model)  # before the update, computed apart
+    want = float(optax.global_norm(jax.tree.leaves(nnx.state(grads, nnx.Param))))
+    optimizer = nnx.Optimizer(model, make_optimizer(1e-2, 0, 4, clip_norm=1e-3), wrt=nnx.Param)  # clipping on
+    loss, norm = train_step_stats(model, optimizer, batch)
+    assert want > 1e-3 and float(norm) == pytest.approx(want, rel=1e-5)

@@ -36,7 +36,7 @@ from recranker_jax.instruments import Scalars, StepProfiler, memory_scalars
 from recranker_jax.llm.layout import checkpoint_layout
 from recranker_jax.parallel import place_batch, sharding_context
 from recranker_jax.train.packing import PackedRows, answer_capacity, batch_arrays
-from recranker_jax.train.step import train_step
+from recranker_jax.train.step import train_step_stats
 
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class StepLog:
     tokens_per_second: float  # answer and prompt tokens, padding excluded
     learning_rate: float | None = None
     mfu: float | None = None  # model FLOPs (padding included) / the devices' peak
+    grad_norm: float | None = None  # the gradients' global norm, before clipping
 
 
 def check_layout(manager: ocp.CheckpointManager, step: int, target: dict) -> None:
@@ -189,7 +190,7 @@ def train(
                 profiler.before(step + 1)
             started = time.perf_counter()
             with sharding_context(mesh, rules or {}):  # the attention kernels' shard_map reads it
-                loss = float(train_step(model, optimizer, batch))
+                loss, grad_norm = (float(value) for value in train_step_stats(model, optimizer, batch))
             seconds = time.perf_counter() - started
             step += 1
             if profiler is not None:
@@ -200,7 +201,7 @@ def train(
             if flops_per_token and peak_flops:
                 mfu = hardware.mfu(rows.tokens[index].size / seconds, flops_per_token, peak_flops)
             entry = StepLog(step, loss, float((rows.segment_ids[index] > 0).sum()) / seconds,
-                            float(schedule(step - 1)) if schedule else None, mfu)
+                            float(schedule(step - 1)) if schedule else None, mfu, grad_norm)
             logs.append(entry)
             if log is not None:
                 log(entry)

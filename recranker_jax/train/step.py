@@ -90,11 +90,12 @@ def make_optimizer(
     return optax.MultiSteps(tx, every_k_schedule=accumulation) if accumulation > 1 else tx
 
 
-def _update(model: Llama, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]) -> jax.Array:
+def _update(model: Llama, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """One update; returns the loss and the gradients' global norm (before clipping)."""
     diff = nnx.DiffState(0, optimizer.wrt)
     (loss, _), grads = nnx.value_and_grad(answer_loss, argnums=diff, has_aux=True)(model, batch)
     optimizer.update(model, grads)
-    return loss
+    return loss, optax.global_norm(grads)
 
 
 _JITTED = {"donating": nnx.jit(_update, donate_argnums=(0, 1)), "plain": nnx.jit(_update)}
@@ -108,6 +109,12 @@ def jitted_train_step(platform: str | None = None):
     return _JITTED["plain" if (platform or jax.default_backend()) == "cpu" else "donating"]
 
 
+def train_step_stats(model: Llama, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """One optimizer update on `batch`; returns the loss before the update and the gradients'
+    global norm (before clipping)."""
+    return jitted_train_step()(model, optimizer, batch)
+
+
 def train_step(model: Llama, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]) -> jax.Array:
     """One optimizer update on `batch`; returns the loss before the update."""
-    return jitted_train_step()(model, optimizer, batch)
+    return train_step_stats(model, optimizer, batch)[0]
