@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "recranker_jax"
 # Lowest first; modules in one entry may import each other.
 LAYERS = [
-    {"errors"}, {"signals"}, {"run_lock"}, {"model_files"}, {"config_checks"}, {"run"}, {"config"}, {"config_keys"}, {"hardware", "metrics"}, {"parallel"},
+    {"errors"}, {"signals"}, {"run_lock"}, {"model_files"}, {"config_checks"}, {"run"}, {"config"}, {"config_keys"}, {"hardware", "metrics", "instruments"}, {"parallel"},
     {"data"}, {"retrieval"}, {"sampling", "prompts"}, {"llm"}, {"train"}, {"rank"}, {"report", "plan", "compile"},
     {"pipeline", "launch_check"}, {"bench"}, {"cli"},
 ]
