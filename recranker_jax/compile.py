@@ -245,7 +245,7 @@ def compile_rank(cfg: Config, llama, mesh, capacity: int | None) -> dict:
     from recranker_jax.llm import decode
     from recranker_jax.llm.llama import KVCache, Llama
     from recranker_jax.parallel import BATCH_AXES, logical_spec, sharding_context
-    from recranker_jax.train.aot import HEADROOM, shard_abstract, memory_figures, out_of_memory_figures
+    from recranker_jax.train.aot import compile_lowered, shard_abstract
 
     rows = cfg.rank.batch_size
     width = decode.bucket_width(cfg.prompts.max_tokens)
@@ -270,19 +270,9 @@ def compile_rank(cfg: Config, llama, mesh, capacity: int | None) -> dict:
     }
     out = {}
     for name, (function, args) in programs.items():
-        started = time.perf_counter()
-        try:
-            with sharding_context(mesh, cfg.mesh.rules):
-                compiled = function.lower(*args).compile()
-        except Exception as error:
-            figures = out_of_memory_figures(str(error))
-            if figures is None:
-                raise
-            out[name] = {"fits": False, "memory": None, **figures, "compile_seconds": time.perf_counter() - started}
-            continue
-        memory = memory_figures(compiled)
-        out[name] = {"fits": capacity is None or memory["total"] <= HEADROOM * capacity, "memory": memory,
-                     "needed_bytes": memory["total"], "compile_seconds": time.perf_counter() - started}
+        with sharding_context(mesh, cfg.mesh.rules):
+            lowered = function.lower(*args)
+        out[name] = compile_lowered(lowered, capacity)
     out["shape"] = {"rows": rows, "prompt_width": width, "branch_width": branch_width}
     return out
 

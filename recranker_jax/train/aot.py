@@ -158,13 +158,32 @@ def memory_figures(compiled: Any) -> dict[str, int]:
     return figures
 
 
+def compile_lowered(lowered: Any, capacity_bytes: int | None = None) -> dict:
+    """Compile a lowered program and judge it. Returns {"fits", "memory" (bytes per device, or
+    None when the compiler refused the program), "needed_bytes" (its total, or the compiler's
+    figure when it refused), "compile_seconds", "error"}. `capacity_bytes` (a device's memory):
+    a compiled program whose peak exceeds `HEADROOM` of it does not fit either (compilers that
+    do not check, e.g. the CPU's, or a TPU program at the compiler's very limit)."""
+    started = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as error:  # the compiler's verdict; anything else is re-raised
+        figures = out_of_memory_figures(str(error))
+        if figures is None and "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return {"fits": False, "memory": None, **(figures or {}), "compile_seconds": time.perf_counter() - started,
+                "error": next((line for line in str(error).splitlines() if "memory" in line.lower()),
+                              str(error).splitlines()[0])}
+    compile_seconds = time.perf_counter() - started
+    memory = memory_figures(compiled)
+    fits = capacity_bytes is None or memory["total"] <= HEADROOM * capacity_bytes
+    return {"fits": fits, "memory": memory, "needed_bytes": memory["total"], "compile_seconds": compile_seconds,
+            "error": None}
+
+
 def compile_step(shape: StepShape, mesh: Mesh, rules: dict, capacity_bytes: int | None = None) -> dict:
-    """Lower and compile the donating finetune step of `shape` on `mesh`. Returns {"fits",
-    "memory" (bytes per device, or None when the compiler refused the program), "needed_bytes"
-    (the compiler's figure when it refused), "lower_seconds", "compile_seconds", "error"}.
-    `capacity_bytes` (a device's memory): a compiled program whose peak exceeds `HEADROOM` of
-    it does not fit either (compilers that do not check, e.g. the CPU's, or a TPU program at
-    the compiler's very limit)."""
+    """Lower and compile the donating finetune step of `shape` on `mesh`: `compile_lowered`'s
+    result with "lower_seconds"."""
     from recranker_jax.parallel import sharding_context
     from recranker_jax.train.step import jitted_train_step
 
@@ -173,19 +192,4 @@ def compile_step(shape: StepShape, mesh: Mesh, rules: dict, capacity_bytes: int 
     with sharding_context(mesh, rules):
         lowered = jitted_train_step(mesh.devices.flat[0].platform).lower(model, optimizer, batch)
     lower_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except Exception as error:  # the compiler's verdict; anything else is re-raised
-        figures = out_of_memory_figures(str(error))
-        if figures is None and "RESOURCE_EXHAUSTED" not in str(error):
-            raise
-        return {"fits": False, "memory": None, **(figures or {}), "lower_seconds": lower_seconds,
-                "compile_seconds": time.perf_counter() - started,
-                "error": next((line for line in str(error).splitlines() if "memory" in line.lower()),
-                              str(error).splitlines()[0])}
-    compile_seconds = time.perf_counter() - started
-    memory = memory_figures(compiled)
-    fits = capacity_bytes is None or memory["total"] <= HEADROOM * capacity_bytes
-    return {"fits": fits, "memory": memory, "needed_bytes": memory["total"], "lower_seconds": lower_seconds,
-            "compile_seconds": compile_seconds, "error": None}
+    return {**compile_lowered(lowered, capacity_bytes), "lower_seconds": lower_seconds}

@@ -50,17 +50,6 @@ def remember_choice(folder: Path, key: dict, tried: list[tuple[str, dict]]) -> N
     (folder / CHOICE_FILE).write_text(json.dumps({"key": key, "remat": tried[-1][0], "tried": summary}, indent=2) + "\n")
 
 
-def device_capacity(device) -> int | None:
-    """Usable bytes of one device: what its runtime reports, else its chip's HBM."""
-    from recranker_jax.hardware import device_memory_bytes
-
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:  # described (ahead-of-time) devices and some runtimes have no statistics
-        stats = {}
-    return stats.get("bytes_limit") or device_memory_bytes(device)
-
-
 def compiled_remat(cfg, llama, mesh, answers: int | None, folder: Path, batch_key: str = "train.batch_size",
                    batch_size: int | None = None) -> str | None:
     """On accelerators, the step asks the compiler before it runs: `train.remat: auto` gets the
@@ -70,6 +59,7 @@ def compiled_remat(cfg, llama, mesh, answers: int | None, folder: Path, batch_ke
     anything is allocated. Returns the policy to train with; None on the CPU (nothing asked)."""
     from recranker_jax.config_checks import shards
     from recranker_jax.errors import RecRankerError
+    from recranker_jax.hardware import memory_capacity
     from recranker_jax.train.aot import HEADROOM, StepShape, compile_step
 
     device = mesh.devices.flat[0]
@@ -81,7 +71,7 @@ def compiled_remat(cfg, llama, mesh, answers: int | None, folder: Path, batch_ke
     chosen = remembered_choice(folder, key)
     if chosen is not None:
         return chosen
-    capacity = device_capacity(device)
+    capacity, _ = memory_capacity(device)  # the allocator's limit, else the chip's HBM
     policies = None if cfg.train.remat == "auto" else [cfg.train.remat]
     tried = choose_remat(lambda policy: compile_step(dataclasses.replace(shape, remat=policy), mesh, cfg.mesh.rules,
                                                      capacity), policies)
